@@ -1,0 +1,32 @@
+# Two entry points: `make demo` (train on the built-in corpus on a 2x2 mesh, then generate) and
+# `make test` (the whole suite). Both create or reuse .venv; re-running is cheap.
+PYTHON ?= python3
+VENV ?= .venv
+PIP = $(VENV)/bin/python -m pip
+BASE = $(VENV)/.meshtron-base
+TEST = $(VENV)/.meshtron-test
+
+.PHONY: demo test bench clean
+
+$(VENV)/bin/python:
+	$(PYTHON) -m venv $(VENV)
+
+$(BASE): pyproject.toml constraints.txt | $(VENV)/bin/python
+	$(PIP) install -q -c constraints.txt -e .
+	touch $@
+
+$(TEST): $(BASE)
+	$(PIP) install -q -c constraints.txt -e '.[test]'
+	touch $@
+
+demo: $(BASE)
+	$(VENV)/bin/meshtron train --mesh batch:2,model:2 --model gpt-mini --steps 300 --out runs/demo
+
+test: $(TEST)
+	$(VENV)/bin/python -m pytest -q
+
+bench: $(TEST)
+	$(VENV)/bin/python bench/run.py
+
+clean:
+	rm -rf $(VENV) runs

@@ -1,0 +1,129 @@
+"""Every collective meshtron issues goes through this module: it is counted and its failures are named.
+
+Invariant: a call on a trivial axis (group None) does nothing and is not counted; a failing call raises
+`CollectiveError` naming the rank, the operation and the group (its axis name and ranks). Collectives
+carry the process group's timeout (set when the mesh is built), so a dead peer ends in an error, not a hang.
+"""
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+_all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+_GROUP_NAMES: dict[int, tuple[str, tuple[int, ...]]] = {}
+_COUNTERS: list["CommCounter"] = []
+_LOCK = threading.Lock()
+
+
+def register_group(group, name: str, ranks: tuple[int, ...]) -> None:
+    """Remember a group's axis name and ranks, for counters and error messages."""
+    _GROUP_NAMES[id(group)] = (name, tuple(ranks))
+
+
+def group_name(group) -> str:
+    name, ranks = _GROUP_NAMES.get(id(group), ("?", ()))
+    return f"{name}{list(ranks)}" if ranks else name
+
+
+def group_axis(group) -> str:
+    return _GROUP_NAMES.get(id(group), ("?", ()))[0]
+
+
+@dataclass(frozen=True)
+class CollectiveRecord:
+    op: str        # all_reduce, all_gather, reduce_scatter, broadcast, ...
+    axis: str      # the mesh axis of the group
+    numel: int     # elements this rank contributes
+    nbytes: int
+    dtype: torch.dtype
+    detail: str = ""  # e.g. the reduce op
+
+
+class CommCounter:
+    """Context manager recording every collective issued inside it, on this rank: `with CommCounter() as c:`."""
+
+    def __init__(self):
+        self.records: list[CollectiveRecord] = []
+
+    def __enter__(self):
+        with _LOCK:
+            _COUNTERS.append(self)
+        return self
+
+    def __exit__(self, *exc):
+        with _LOCK:
+            _COUNTERS.remove(self)
+
+    def on(self, axis: str, op: str | None = None) -> list[CollectiveRecord]:
+        return [r for r in self.records if r.axis == axis and (op is None or r.op == op)]
+
+    def bytes_on(self, axis: str, op: str | None = None) -> int:
+        return sum(r.nbytes for r in self.on(axis, op))
+
+    def summary(self) -> dict[tuple[str, str], tuple[int, int]]:
+        """(axis, op) -> (count, bytes)."""
+        out: dict[tuple[str, str], tuple[int, int]] = {}
+        for r in self.records:
+            c, b = out.get((r.axis, r.op), (0, 0))
+            out[(r.axis, r.op)] = (c + 1, b + r.nbytes)
+        return out
+
+
+def record(op: str, group, tensor: torch.Tensor, detail: str = "") -> None:
+    if not _COUNTERS:
+        return
+    rec = CollectiveRecord(op, group_axis(group), tensor.numel(), tensor.numel() * tensor.element_size(),
+                           tensor.dtype, detail)
+    with _LOCK:
+        for c in _COUNTERS:
+            c.records.append(rec)
+
+
+class CollectiveError(RuntimeError):
+    pass
+
+
+def _fail(op: str, group, err: Exception) -> CollectiveError:
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    return CollectiveError(f"rank {rank}: {op} over group {group_name(group)} failed: {err}")
+
+
+def all_reduce(tensor: torch.Tensor, group, op=dist.ReduceOp.SUM) -> torch.Tensor:
+    """In-place all-reduce over `group` (no-op when group is None)."""
+    if group is None:
+        return tensor
+    record("all_reduce", group, tensor, str(op).split(".")[-1].lower())
+    try:
+        dist.all_reduce(tensor, op=op, group=group)
+    except Exception as e:  # noqa: BLE001 - re-raised with the rank, op and group named
+        raise _fail("all_reduce", group, e) from e
+    return tensor
+
+
+def all_gather_into(tensor: torch.Tensor, group, world: int) -> torch.Tensor:
+    """Gather every rank's `tensor` and concatenate along dim 0 (shape [world * n, ...])."""
+    if group is None:
+        return tensor
+    record("all_gather", group, tensor)
+    out = torch.empty((world * tensor.shape[0],) + tuple(tensor.shape[1:]), dtype=tensor.dtype,
+                      device=tensor.device)
+    try:
+        _all_gather(out, tensor.contiguous(), group=group)
+    except Exception as e:  # noqa: BLE001
+        raise _fail("all_gather", group, e) from e
+    return out
+
+
+def broadcast(tensor: torch.Tensor, src: int, group) -> torch.Tensor:
+    """Broadcast from global rank `src` within `group`."""
+    if group is None:
+        return tensor
+    record("broadcast", group, tensor)
+    try:
+        dist.broadcast(tensor, src=src, group=group)
+    except Exception as e:  # noqa: BLE001
+        raise _fail("broadcast", group, e) from e
+    return tensor

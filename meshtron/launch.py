@@ -1,0 +1,100 @@
+"""Start the ranks of a mesh on this machine, or join the ones `torchrun` started.
+
+Invariant: `run_ranks(fn, n, ...)` starts n processes (forkserver with torch preloaded: about 0.1 s per
+group once warm), each with RANK/WORLD_SIZE/MASTER_ADDR/MASTER_PORT set to a port free at run time, and
+returns each rank's result in rank order. If any rank fails, the others are stopped and the first error is
+raised with its rank and traceback; if the group exceeds `timeout_s`, all are stopped: it never hangs.
+"""
+from __future__ import annotations
+
+import multiprocessing
+import os
+import socket
+import tempfile
+import time
+import traceback
+
+import torch
+
+_PRELOADED = False
+
+
+def under_launcher() -> bool:
+    """True when torchrun (or another launcher that sets the env:// variables) started this process."""
+    return "RANK" in os.environ and "WORLD_SIZE" in os.environ and "MASTER_ADDR" in os.environ
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class RankError(RuntimeError):
+    def __init__(self, rank: int, message: str):
+        super().__init__(message)
+        self.rank = rank
+
+
+def _entry(rank, world, port, threads, fn, args, result_dir, env):
+    os.environ.update(env)
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), LOCAL_WORLD_SIZE=str(world),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS=str(threads))
+    torch.set_num_threads(threads)
+    path = os.path.join(result_dir, f"rank{rank}.pt")
+    try:
+        result = fn(*args)
+        torch.save({"ok": result}, path + ".tmp")
+    except BaseException as e:  # noqa: BLE001 - reported to the parent with the rank
+        torch.save({"error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc()}, path + ".tmp")
+        os.replace(path + ".tmp", path)
+        raise
+    finally:
+        import torch.distributed as dist
+        if dist.is_initialized():
+            try:
+                dist.destroy_process_group()
+            except Exception:  # noqa: BLE001
+                pass
+    os.replace(path + ".tmp", path)
+
+
+def run_ranks(fn, world_size: int, *args, threads_per_rank: int | None = None, timeout_s: float = 600,
+              env: dict | None = None) -> list:
+    """Run `fn(*args)` on `world_size` fresh ranks of one process group; return their results in rank order."""
+    global _PRELOADED
+    if not _PRELOADED:
+        multiprocessing.set_forkserver_preload(["torch", "meshtron.models"])
+        _PRELOADED = True
+    threads = threads_per_rank or max(1, (os.cpu_count() or 1) // world_size)
+    port = free_port()
+    with tempfile.TemporaryDirectory(prefix="meshtron-ranks-") as result_dir:
+        ctx = torch.multiprocessing.start_processes(
+            _entry, args=(world_size, port, threads, fn, args, result_dir, dict(env or {})), nprocs=world_size,
+            join=False, start_method="forkserver")
+        deadline = time.monotonic() + timeout_s
+        try:
+            while not ctx.join(timeout=0.05):
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"{world_size} ranks did not finish within {timeout_s:.0f} s; stopped them")
+        except torch.multiprocessing.ProcessRaisedException as e:
+            raise _first_error(result_dir, world_size, e) from None
+        except torch.multiprocessing.ProcessExitedException as e:
+            raise _first_error(result_dir, world_size, e) from None
+        finally:
+            for p in ctx.processes:
+                if p.is_alive():
+                    p.kill()
+        return [torch.load(os.path.join(result_dir, f"rank{r}.pt"), weights_only=False)["ok"]
+                for r in range(world_size)]
+
+
+def _first_error(result_dir: str, world: int, exc: Exception) -> RankError:
+    """The error of the rank that failed (not the ones stopped after it)."""
+    for r in range(world):
+        path = os.path.join(result_dir, f"rank{r}.pt")
+        if os.path.exists(path):
+            data = torch.load(path, weights_only=False)
+            if "error" in data:
+                return RankError(r, f"rank {r} failed: {data['error']}\n{data['traceback']}")
+    return RankError(getattr(exc, "error_index", -1), str(exc))

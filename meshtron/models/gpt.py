@@ -1,0 +1,58 @@
+"""GPT-2 (Radford et al. 2019) on a mesh: learned positions, pre-LayerNorm blocks, GELU MLP, tied embeddings.
+
+Invariant: the same code builds the model for every mesh; which tensors are split, and over which axis,
+comes only from the layout. No collective is called here: the parallel layers communicate.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from meshtron.layout import Layout, LayoutRules
+from meshtron.mesh import Mesh
+from meshtron.models.base import CausalLM
+from meshtron.models.config import ModelConfig
+from meshtron.parallel import LayerNorm, ParallelAttention, ParallelMLP, VocabParallelEmbedding
+from meshtron.parallel.lm_head import VocabParallelHead
+from meshtron.parallel.random import DropoutRNG, dropout
+from meshtron.parallel.sharding import make_param, replicated_spec
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig, layout: Layout, rng: DropoutRNG):
+        super().__init__()
+        std, out_std = cfg.init_std, cfg.init_std / math.sqrt(2 * cfg.n_layer)
+        self.ln_1 = LayerNorm(cfg.d_model, cfg.norm_eps)
+        self.attn = ParallelAttention(cfg.d_model, cfg.n_head, cfg.kv_heads, layout.axis("heads"), bias=True,
+                                      std=std, out_std=out_std, dropout_p=cfg.dropout, rng=rng)
+        self.ln_2 = LayerNorm(cfg.d_model, cfg.norm_eps)
+        self.mlp = ParallelMLP(cfg.d_model, cfg.ffn_dim, layout.axis("d_ff"), activation="gelu", bias=True,
+                               std=std, out_std=out_std)
+        self.p, self.rng = cfg.dropout, rng
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + dropout(self.attn(self.ln_1(x)), self.p, self.rng.replicated, self.training)
+        return x + dropout(self.mlp(self.ln_2(x)), self.p, self.rng.replicated, self.training)
+
+
+class GPT(CausalLM):
+    def __init__(self, config: ModelConfig, mesh: Mesh, rules: LayoutRules | str | None = None, seed: int = 0):
+        super().__init__(config, mesh, rules, seed)
+        cfg, layout = config, self.layout
+        self.wte = VocabParallelEmbedding(cfg.vocab_size, cfg.d_model, layout.axis("vocab"), std=cfg.init_std)
+        self.wpe = make_param(replicated_spec((cfg.max_seq_len, cfg.d_model), std=0.01))
+        self.blocks = nn.ModuleList(Block(cfg, layout, self.rng) for _ in range(cfg.n_layer))
+        self.ln_f = LayerNorm(cfg.d_model, cfg.norm_eps)
+        self.head = VocabParallelHead(cfg.d_model, cfg.vocab_size, layout.axis("vocab"), std=cfg.init_std,
+                                      tied=self.wte if cfg.tied else None)
+        self.finish_init()
+
+    def hidden(self, idx: torch.Tensor) -> torch.Tensor:
+        T = idx.shape[1]
+        x = self.wte(idx) + self.wpe[:T]                                     # (B, T, d)
+        x = dropout(x, self.config.dropout, self.rng.replicated, self.training)
+        for block in self.blocks:
+            x = block(x)
+        return self.ln_f(x)

@@ -1,0 +1,65 @@
+"""Self-attention split by heads (Megatron): column-parallel Q, K, V, local attention, row-parallel output.
+
+Invariant: rank r of the heads axis holds query heads [r*H/t, (r+1)*H/t) and key/value heads
+[r*K/t, (r+1)*K/t), which are exactly the kv heads its query heads read under grouped-query attention, so
+attention is local. One `f` on entry (shared by Q, K and V) and one `g` on exit: two all-reduces per call.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from meshtron.comm.ops import copy_to_parallel
+from meshtron.mesh import MeshAxis
+from meshtron.parallel.linear import ColumnParallelLinear, RowParallelLinear
+from meshtron.parallel.random import DropoutRNG, dropout
+from meshtron.parallel.rotary import Rotary
+
+
+class ParallelAttention(nn.Module):
+    def __init__(self, d_model: int, n_head: int, n_kv_head: int, axis: MeshAxis, *, bias: bool,
+                 std: float, out_std: float, dropout_p: float = 0.0, rng: DropoutRNG | None = None,
+                 rotary: Rotary | None = None):
+        super().__init__()
+        for name, n in (("heads", n_head), ("kv_heads", n_kv_head)):
+            if n % axis.size:
+                raise ValueError(f"{name}={n} is not divisible by mesh axis {axis.name!r} of size {axis.size}")
+        self.axis, self.head_dim = axis, d_model // n_head
+        self.n_local, self.n_kv_local = n_head // axis.size, n_kv_head // axis.size
+        kv_dim = n_kv_head * self.head_dim
+        self.q_proj = ColumnParallelLinear(d_model, d_model, axis, bias=bias, std=std, copy_input=False)
+        self.k_proj = ColumnParallelLinear(d_model, kv_dim, axis, bias=bias, std=std, copy_input=False)
+        self.v_proj = ColumnParallelLinear(d_model, kv_dim, axis, bias=bias, std=std, copy_input=False)
+        self.o_proj = RowParallelLinear(d_model, d_model, axis, bias=bias, std=out_std)
+        self.dropout_p, self.rng = dropout_p, rng
+        self.rotary = [rotary]  # shared module, kept out of this module's children
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, T, _ = x.shape
+        x = copy_to_parallel(x, self.axis)                                        # f
+        q = self.q_proj(x).view(B, T, self.n_local, self.head_dim).transpose(1, 2)     # (B, h, T, hd)
+        k = self.k_proj(x).view(B, T, self.n_kv_local, self.head_dim).transpose(1, 2)  # (B, kv, T, hd)
+        v = self.v_proj(x).view(B, T, self.n_kv_local, self.head_dim).transpose(1, 2)
+        if self.rotary[0] is not None:
+            q, k = self.rotary[0](q, k)
+        y = self._attend(q, k, v)                                                 # (B, h, T, hd)
+        y = y.transpose(1, 2).reshape(B, T, self.n_local * self.head_dim)
+        return self.o_proj(y)                                                     # g
+
+    def _attend(self, q, k, v):
+        gqa = self.n_kv_local != self.n_local
+        if not (self.training and self.dropout_p > 0):
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+        # dropout on attention probabilities: split over heads, so drawn from the per-rank stream
+        if gqa:
+            rep = self.n_local // self.n_kv_local
+            k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+        T = q.shape[-2]
+        att = (q @ k.transpose(-2, -1)) / math.sqrt(self.head_dim)
+        mask = torch.ones(T, T, dtype=torch.bool, device=q.device).tril()
+        att = att.masked_fill(~mask, float("-inf")).softmax(dim=-1)
+        att = dropout(att, self.dropout_p, self.rng.parallel, True)
+        return att @ v

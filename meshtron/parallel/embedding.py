@@ -1,0 +1,35 @@
+"""Vocab-parallel embedding: each rank owns a contiguous slice of the (padded) vocabulary.
+
+Invariant: ids outside this rank's slice look up nothing (their rows are zeroed) and `g` sums the slices,
+so the result equals a full lookup. The vocabulary is padded to a multiple of the axis size; padded rows
+are initialised to zero, are never looked up, and are cut from the logits before the loss.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from meshtron.comm.ops import reduce_from_parallel
+from meshtron.layout import pad_to_multiple
+from meshtron.mesh import MeshAxis
+from meshtron.parallel.sharding import make_param, split_spec
+
+
+class VocabParallelEmbedding(nn.Module):
+    def __init__(self, vocab_size: int, dim: int, axis: MeshAxis, *, std: float = 0.02):
+        super().__init__()
+        self.axis, self.vocab_size = axis, vocab_size
+        padded = pad_to_multiple(vocab_size, axis.size)
+        self.weight = make_param(split_spec((vocab_size, dim), 0, axis, padded=padded, std=std))
+        self.vocab_start, self.vocab_end = self.weight.shard.local_range()
+        self.n_valid = self.weight.shard.local_valid()   # real (unpadded) rows on this rank
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        if self.axis.size == 1:
+            return F.embedding(ids, self.weight)
+        outside = (ids < self.vocab_start) | (ids >= self.vocab_end)
+        local = (ids - self.vocab_start).masked_fill(outside, 0)
+        out = F.embedding(local, self.weight)            # (B, T, d), wrong rows where outside
+        out = out.masked_fill(outside.unsqueeze(-1), 0.0)
+        return reduce_from_parallel(out, self.axis)

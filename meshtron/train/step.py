@@ -1,0 +1,132 @@
+"""One optimizer step of hybrid data x tensor parallel training.
+
+Invariant: a step over a global batch computes the same update as one process on the whole batch. The
+batch is split over the batch axis; micro-batches accumulate gradients locally (`no_sync`), and the last
+one's backward averages gradients over the batch axis in buckets overlapped with backward (DDP with a
+counted comm hook). Clipping uses the global norm: a split parameter counted on each of its shards, a
+replicated one once.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from meshtron.comm import collectives as C
+from meshtron.parallel.sharding import ShardSpec
+
+
+def _counted_allreduce_hook(group):
+    world = dist.get_world_size(group)
+
+    def hook(_state, bucket):
+        buf = bucket.buffer()
+        buf.div_(world)
+        C.record("all_reduce", group, buf, "grad")
+        return dist.all_reduce(buf, group=group, async_op=True).get_future().then(lambda f: f.value()[0])
+    return hook
+
+
+def wrap_data_parallel(model: nn.Module, batch_axis) -> nn.Module:
+    """DDP over the batch axis (plain-tensor modules; buffers are not broadcast each step)."""
+    if batch_axis.group is None:
+        return model
+    from torch.nn.parallel import DistributedDataParallel as DDP
+    ddp = DDP(model, process_group=batch_axis.group, forward_sync_buffers=False, bucket_cap_mb=25,
+              gradient_as_bucket_view=True)
+    ddp.register_comm_hook(None, _counted_allreduce_hook(batch_axis.group))
+    return ddp
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """Weight decay on matrices; none on norms, biases (ShardSpec.decay False)."""
+    decay, no_decay = [], []
+    for p in model.parameters():
+        (decay if p.shard.decay else no_decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+@torch.no_grad()
+def clip_grad_norm(model: nn.Module, max_norm: float, mesh, batch_axis_name: str | None) -> float:
+    """Scale gradients so their global L2 norm is at most max_norm; returns the norm before clipping."""
+    model_axes = [a for n, a in mesh.axes.items() if n != batch_axis_name and a.size > 1]
+    local = torch.zeros((), dtype=torch.float32)
+    grads = []
+    for p in model.parameters():
+        if p.grad is None:
+            continue
+        grads.append(p.grad)
+        spec: ShardSpec = p.shard
+        own_axis = spec.axis if spec.is_split else None
+        # count this tensor here if this rank is coordinate 0 on every model axis the tensor is replicated on
+        if all(a.coord == 0 for a in model_axes if a.name != own_axis):
+            local += p.grad.float().pow(2).sum()
+    for a in model_axes:
+        C.all_reduce(local, a.group)
+    norm = local.sqrt().item()
+    if max_norm > 0 and math.isfinite(norm):
+        coef = max_norm / (norm + 1e-6)
+        if coef < 1.0:
+            torch._foreach_mul_(grads, coef)
+    return norm
+
+
+class TrainStep:
+    """Holds the (possibly DDP-wrapped) model and the optimizer; `step(local_batch)` does one update."""
+
+    def __init__(self, model: nn.Module, mesh, *, lr: float, weight_decay: float = 0.1,
+                 betas=(0.9, 0.95), eps: float = 1e-8, clip: float = 1.0, micro_batches: int = 1):
+        self.model, self.mesh = model, mesh
+        self.batch_axis = model.layout.axis("batch")
+        self.wrapped = wrap_data_parallel(model, self.batch_axis)
+        self.clip, self.micro_batches = clip, micro_batches
+        self.optimizer = torch.optim.AdamW(param_groups(model, weight_decay), lr=lr, betas=betas, eps=eps,
+                                           foreach=True)
+
+    def forward_backward(self, local_batch: torch.Tensor) -> torch.Tensor:
+        """Accumulate gradients of the mean loss over `local_batch` (B_local, T+1); returns that loss."""
+        if local_batch.shape[0] % self.micro_batches:
+            raise ValueError(f"a local batch of {local_batch.shape[0]} sequences does not split into "
+                             f"{self.micro_batches} micro-batches")
+        total = torch.zeros(())
+        chunks = local_batch.chunk(self.micro_batches)
+        for i, chunk in enumerate(chunks):
+            last = i == len(chunks) - 1
+            sync = contextlib.nullcontext() if last or self.wrapped is self.model else self.wrapped.no_sync()
+            with sync:
+                loss = self.wrapped(chunk[:, :-1], chunk[:, 1:]) / len(chunks)
+                loss.backward()
+            total += loss.detach()
+        return total
+
+    def step(self, local_batch: torch.Tensor, lr: float | None = None) -> dict:
+        if lr is not None:
+            for group in self.optimizer.param_groups:
+                group["lr"] = lr
+        loss = self.forward_backward(local_batch)
+        return {"loss": self.global_loss(loss), "grad_norm": self.update()}
+
+    def update(self) -> float:
+        """Clip, step the optimizer, clear gradients; returns the gradient norm before clipping."""
+        grad_norm = clip_grad_norm(self.model, self.clip, self.mesh, self.batch_axis.name)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return grad_norm
+
+    def global_loss(self, local_loss: torch.Tensor) -> float:
+        """The mean loss over the global batch (averaged over the batch axis)."""
+        loss = local_loss.detach().clone()
+        C.all_reduce(loss, self.batch_axis.group)
+        return (loss / self.batch_axis.size).item()
+
+
+def local_rows(global_batch: torch.Tensor, batch_axis) -> torch.Tensor:
+    """This batch-axis rank's contiguous rows of the global batch."""
+    n = global_batch.shape[0]
+    if n % batch_axis.size:
+        raise ValueError(f"global batch {n} is not divisible by the batch axis size {batch_axis.size}")
+    per = n // batch_axis.size
+    return global_batch[batch_axis.coord * per:(batch_axis.coord + 1) * per]
