@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import signal
 import socket
 import tempfile
 import time
@@ -31,9 +32,11 @@ def free_port() -> int:
 
 
 class RankError(RuntimeError):
-    def __init__(self, rank: int, message: str):
+    """A rank failed: `rank`, and `kind` (the exception's type name, or 'killed' for a signal/exit)."""
+
+    def __init__(self, rank: int, message: str, kind: str = "killed"):
         super().__init__(message)
-        self.rank = rank
+        self.rank, self.kind = rank, kind
 
 
 def _entry(rank, world, port, threads, fn, args, result_dir, env):
@@ -70,17 +73,16 @@ def run_ranks(fn, world_size: int, *args, threads_per_rank: int | None = None, t
     port = free_port()
     with tempfile.TemporaryDirectory(prefix="meshtron-ranks-") as result_dir:
         ctx = torch.multiprocessing.start_processes(
-            _entry, args=(world_size, port, threads, fn, args, result_dir, dict(env or {})), nprocs=world_size,
+            _entry, args=(world_size, port, threads, fn, args, result_dir, {**os.environ, **(env or {})}),
+            nprocs=world_size,
             join=False, start_method="forkserver")
         deadline = time.monotonic() + timeout_s
         try:
             while not ctx.join(timeout=0.05):
                 if time.monotonic() > deadline:
                     raise TimeoutError(f"{world_size} ranks did not finish within {timeout_s:.0f} s; stopped them")
-        except torch.multiprocessing.ProcessRaisedException as e:
-            raise _first_error(result_dir, world_size, e) from None
-        except torch.multiprocessing.ProcessExitedException as e:
-            raise _first_error(result_dir, world_size, e) from None
+        except (torch.multiprocessing.ProcessRaisedException, torch.multiprocessing.ProcessExitedException) as e:
+            raise _first_error(result_dir, ctx.processes, e) from None
         finally:
             for p in ctx.processes:
                 if p.is_alive():
@@ -89,12 +91,19 @@ def run_ranks(fn, world_size: int, *args, threads_per_rank: int | None = None, t
                 for r in range(world_size)]
 
 
-def _first_error(result_dir: str, world: int, exc: Exception) -> RankError:
-    """The error of the rank that failed (not the ones stopped after it)."""
-    for r in range(world):
+def _first_error(result_dir: str, processes, exc: Exception) -> RankError:
+    """The root cause: a rank killed by a signal (peers then fail on broken connections), else the lowest
+    rank that raised, else what torch reported."""
+    for r, p in enumerate(processes):
+        code = p.exitcode
+        if code is not None and code < 0 and -code not in (signal.SIGTERM, signal.SIGINT):
+            return RankError(r, f"rank {r} was killed by {signal.Signals(-code).name}", kind="killed")
+    for r in range(len(processes)):
         path = os.path.join(result_dir, f"rank{r}.pt")
         if os.path.exists(path):
             data = torch.load(path, weights_only=False)
             if "error" in data:
-                return RankError(r, f"rank {r} failed: {data['error']}\n{data['traceback']}")
-    return RankError(getattr(exc, "error_index", -1), str(exc))
+                return RankError(r, f"rank {r} failed: {data['error']}\n{data['traceback']}",
+                                 kind=data["error"].split(":", 1)[0])
+    rank = getattr(exc, "error_index", -1)
+    return RankError(rank, f"rank {rank}: {exc}", kind="killed")

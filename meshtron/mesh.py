@@ -125,7 +125,7 @@ class Mesh:
         timeout = datetime.timedelta(seconds=timeout_s or DEFAULT_TIMEOUT_S)
         if not dist.is_initialized():
             backend = backend or ("nccl" if use_cuda else "gloo")
-            dist.init_process_group(backend=backend, timeout=timeout)
+            _init_process_group(backend, timeout)
         mesh.rank = dist.get_rank()
         if use_cuda:
             local = int(os.environ.get("LOCAL_RANK", mesh.rank % torch.cuda.device_count()))
@@ -150,3 +150,20 @@ class Mesh:
 
     def __repr__(self) -> str:
         return f"Mesh({self.spec!r}, rank={self.rank}, coords={self.coords()})"
+
+
+def _init_process_group(backend: str, timeout: datetime.timedelta) -> None:
+    """env:// initialisation, except after a torchrun restart: there each attempt rendezvouses under its own
+    key prefix in the launcher's store, so restarted workers never read dead peers' addresses (the
+    connectFullMesh hang of pytorch issue 135712)."""
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT")
+    if attempt is None:
+        dist.init_process_group(backend=backend, timeout=timeout)
+        return
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    use_agent_store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE", "").lower() == "true"
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world,
+                          is_master=(rank == 0 and not use_agent_store), timeout=timeout,
+                          wait_for_workers=False)
+    store = dist.PrefixStore(f"meshtron_attempt_{attempt}", store)
+    dist.init_process_group(backend=backend, store=store, rank=rank, world_size=world, timeout=timeout)

@@ -1,52 +1,116 @@
-"""`meshtron train`: validate the options, then start the mesh's ranks (or join torchrun's) and train."""
+"""`meshtron train`: resolve the options (defaults < resumed run < config file < flags), check them, then
+start the mesh's ranks (or join torchrun's) and train; restart from the newest checkpoint after a crash."""
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import json
+import os
 import sys
 
 MODEL_FLAGS = {"n_layer": int, "n_head": int, "n_kv_head": int, "d_model": int, "d_ff": int, "dropout": float}
+# flag -> (type, help); every one maps to a TrainConfig field of the same name
+FLAGS = {
+    "mesh": (str, "mesh axes and sizes, e.g. 'batch:2,model:2' (the last axis varies fastest: put the model "
+                  "axis last). Default: model:1 (one rank)"),
+    "layout": (str, "layout rules, e.g. 'batch:batch;heads:model;d_ff:model;vocab:model'. Default: "
+                    "Mesh-TensorFlow's rules for the axes the mesh has"),
+    "model": (str, "model preset (gpt-tiny, gpt-mini, llama-tiny, llama-mini, gpt2, ..., llama-7b)"),
+    "steps": (int, "optimizer steps (in total, counting resumed ones)"),
+    "batch_size": (int, "global batch, in sequences"),
+    "micro_batches": (int, "gradient accumulation steps per update"),
+    "seq_len": (int, "tokens per sequence"),
+    "lr": (float, "peak learning rate"),
+    "min_lr_ratio": (float, "final learning rate as a fraction of --lr (cosine decay)"),
+    "warmup_steps": (int, "linear warmup steps"),
+    "weight_decay": (float, "AdamW weight decay (not on norms and biases)"),
+    "clip": (float, "global gradient-norm clip (0: off)"),
+    "seed": (int, "seed of weights, data order and dropout"),
+    "out": (str, "run folder: config.json, metrics.jsonl, checkpoints/"),
+    "save_every": (int, "steps between checkpoints (0: only at the end)"),
+    "keep": (int, "newest checkpoints kept"),
+    "sample_tokens": (int, "tokens to generate at the end (0: none)"),
+    "prompt": (str, "prompt of the final sample"),
+    "stop_after": (int, "leave after this many steps of this invocation, saving a checkpoint (resume later)"),
+}
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--mesh", default="model:1", help="mesh axes and sizes, e.g. 'batch:2,model:2' (last axis "
-                   "varies fastest: put the model axis last). Default: model:1 (one rank)")
-    p.add_argument("--layout", default=None, help="layout rules, e.g. 'batch:batch;heads:model;d_ff:model;"
-                   "vocab:model'. Default: Mesh-TensorFlow's rules for the axes the mesh has")
-    p.add_argument("--model", default="gpt-mini", help="model preset (see meshtron.models.PRESETS)")
+    p.add_argument("--config", help="a TOML or YAML file of options (keys as the flags, with '_')")
+    p.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its newest checkpoint "
+                   "(on this or another mesh)")
+    p.add_argument("--max-restarts", type=int, default=0, help="restart the job from its newest checkpoint this "
+                   "many times after a rank dies")
+    p.add_argument("--threads-per-rank", type=int, default=None)
+    for name, (kind, help_text) in FLAGS.items():
+        p.add_argument("--" + name.replace("_", "-"), type=kind, default=None, help=help_text)
     for name, kind in MODEL_FLAGS.items():
         p.add_argument("--" + name.replace("_", "-"), type=kind, default=None, help=f"override the preset's {name}")
-    p.add_argument("--steps", type=int, default=200)
-    p.add_argument("--batch-size", type=int, default=16, help="global batch, in sequences")
-    p.add_argument("--micro-batches", type=int, default=1, help="gradient accumulation steps per update")
-    p.add_argument("--seq-len", type=int, default=128)
-    p.add_argument("--lr", type=float, default=3e-3)
-    p.add_argument("--warmup-steps", type=int, default=20)
-    p.add_argument("--weight-decay", type=float, default=0.1)
-    p.add_argument("--clip", type=float, default=1.0, help="global gradient-norm clip (0: off)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default="runs/latest", help="run folder (metrics.jsonl, config.json)")
-    p.add_argument("--sample-tokens", type=int, default=200, help="tokens to generate at the end (0: none)")
-    p.add_argument("--prompt", default="The ")
-    p.add_argument("--threads-per-rank", type=int, default=None)
 
 
-def config_from_args(args):
+def read_config_file(path: str) -> dict:
+    if not os.path.exists(path):
+        raise ValueError(f"config file {path} does not exist")
+    if path.endswith((".yaml", ".yml")):
+        import yaml
+        with open(path) as f:
+            data = yaml.safe_load(f) or {}
+    else:
+        import tomllib
+        with open(path, "rb") as f:
+            data = tomllib.load(f)
+    if not isinstance(data, dict):
+        raise ValueError(f"config file {path} must hold a table of options")
+    return data
+
+
+def resolve(args):
+    """TrainConfig from defaults < resumed run's config < config file < flags; unknown keys are errors."""
     from meshtron.train.loop import TrainConfig
-    overrides = {k: getattr(args, k) for k in MODEL_FLAGS if getattr(args, k) is not None}
-    return TrainConfig(mesh=args.mesh, layout=args.layout, model=args.model, overrides=overrides, steps=args.steps,
-                       batch_size=args.batch_size, micro_batches=args.micro_batches, seq_len=args.seq_len,
-                       lr=args.lr, warmup_steps=min(args.warmup_steps, args.steps), weight_decay=args.weight_decay,
-                       clip=args.clip, seed=args.seed, out=args.out, sample_tokens=args.sample_tokens,
-                       prompt=args.prompt)
+    fields = {f.name for f in dataclasses.fields(TrainConfig)} - {"overrides"}
+    values: dict = {}
+    overrides: dict = {}
+
+    def merge(source: dict, where: str):
+        for key, value in source.items():
+            key = key.replace("-", "_")
+            if key in MODEL_FLAGS:
+                overrides[key] = value
+            elif key == "overrides" and isinstance(value, dict):
+                overrides.update(value)
+            elif key in fields:
+                values[key] = value
+            else:
+                raise ValueError(f"{where}: unknown option {key!r}; known options: "
+                                 + ", ".join(sorted(fields | set(MODEL_FLAGS))))
+
+    if args.resume:
+        path = os.path.join(args.resume, "config.json")
+        if not os.path.exists(path):
+            raise ValueError(f"--resume {args.resume}: no config.json there; is it a meshtron run folder?")
+        with open(path) as f:
+            saved = json.load(f)["train"]
+        saved.pop("stop_after", None)
+        merge(saved, path)
+        values["out"] = args.resume
+    if args.config:
+        merge(read_config_file(args.config), args.config)
+    merge({k: getattr(args, k) for k in FLAGS if getattr(args, k) is not None}, "flags")
+    merge({k: getattr(args, k) for k in MODEL_FLAGS if getattr(args, k) is not None}, "flags")
+    cfg = TrainConfig(**values, overrides=overrides)
+    if cfg.warmup_steps > cfg.steps:
+        cfg.warmup_steps = cfg.steps
+    return cfg
 
 
 def run(args) -> int:
+    from meshtron.checkpoint import CheckpointError
     from meshtron.launch import RankError, run_ranks, under_launcher
     from meshtron.mesh import parse_mesh_spec
     from meshtron.train.data import ByteTokenizer
     from meshtron.train.loop import run_training
     try:
-        cfg = config_from_args(args)
+        cfg = resolve(args)
         cfg.check(ByteTokenizer.vocab_size)
         world = 1
         for size in parse_mesh_spec(cfg.mesh).values():
@@ -54,12 +118,25 @@ def run(args) -> int:
     except ValueError as e:
         print(f"meshtron train: error: {e}", file=sys.stderr)
         return 2
-    if under_launcher() or world == 1:
-        run_training(cfg)
+    resume = bool(args.resume)
+    print("meshtron train: " + " ".join(f"{k}={v}" for k, v in dataclasses.asdict(cfg).items()), flush=True)
+    if under_launcher() or (world == 1 and args.max_restarts == 0):
+        try:
+            run_training(cfg, resume)
+        except (CheckpointError, FloatingPointError) as e:
+            print(f"meshtron train: error: {e}", file=sys.stderr)
+            return 1
         return 0
-    try:
-        run_ranks(run_training, world, cfg, threads_per_rank=args.threads_per_rank, timeout_s=7 * 24 * 3600)
-    except RankError as e:
-        print(f"meshtron train: {e}", file=sys.stderr)
-        return 1
-    return 0
+    for attempt in range(args.max_restarts + 1):
+        try:
+            run_ranks(run_training, world, cfg, resume or attempt > 0, threads_per_rank=args.threads_per_rank,
+                      timeout_s=7 * 24 * 3600, env={"MESHTRON_ATTEMPT": str(attempt)})
+            return 0
+        except RankError as e:
+            fatal = e.kind in ("ValueError", "LayoutError", "CheckpointError", "FloatingPointError", "DataError")
+            if fatal or attempt == args.max_restarts:
+                print(f"meshtron train: {e}", file=sys.stderr)
+                return 1
+            print(f"meshtron train: {str(e).splitlines()[0]}; restarting from the newest checkpoint "
+                  f"(restart {attempt + 1} of {args.max_restarts})", file=sys.stderr, flush=True)
+    return 1

@@ -11,8 +11,15 @@ import torch
 
 class DropoutRNG:
     def __init__(self, seed: int, model_coord: int = 0):
-        self.replicated = torch.Generator().manual_seed(seed)
-        self.parallel = torch.Generator().manual_seed(seed + 2718 + model_coord)
+        self.seed, self.model_coord = seed, model_coord
+        self.replicated, self.parallel = torch.Generator(), torch.Generator()
+        self.reseed(0)
+
+    def reseed(self, step: int) -> None:
+        """Streams are a function of (seed, step): a resumed run draws the masks an uninterrupted one would."""
+        base = self.seed * 1_000_003 + step * 7919
+        self.replicated.manual_seed(base)
+        self.parallel.manual_seed(base + 2718 + self.model_coord)
 
     def state(self) -> dict:
         return {"replicated": self.replicated.get_state(), "parallel": self.parallel.get_state()}

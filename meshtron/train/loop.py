@@ -15,7 +15,8 @@ from dataclasses import dataclass
 
 import torch
 
-from meshtron.layout import Layout, LayoutRules, validate
+from meshtron import checkpoint, faults
+from meshtron.layout import LayoutRules, validate
 from meshtron.mesh import Mesh, parse_mesh_spec
 from meshtron.models import ModelConfig, build_model, get_preset
 from meshtron.train.data import ByteTokenizer, RandomWindows, builtin_corpus, tokenize_corpus
@@ -41,7 +42,9 @@ class TrainConfig:
     out: str = "runs/latest"
     sample_tokens: int = 200
     prompt: str = "The "
-    log_every: int = 1
+    save_every: int = 0           # optimizer steps between checkpoints (0: only at the end)
+    keep: int = 3                 # newest checkpoints kept
+    stop_after: int = 0           # leave after this many steps of this invocation, with a checkpoint (0: never)
 
     def model_config(self, vocab_size: int) -> ModelConfig:
         cfg = get_preset(self.model).replace(vocab_size=vocab_size, **self.overrides)
@@ -73,16 +76,28 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
     return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
-def run_training(cfg: TrainConfig) -> dict:
-    """Run on every rank (started by `meshtron.launch` or torchrun). Returns rank 0's summary."""
+def checkpoint_root(cfg: TrainConfig) -> str:
+    return os.path.join(cfg.out, "checkpoints")
+
+
+def run_training(cfg: TrainConfig, resume: bool = False) -> dict:
+    """Run on every rank (started by `meshtron.launch` or torchrun). With `resume`, continue from the newest
+    complete checkpoint in the run folder (on whatever mesh this run has). Returns rank 0's summary."""
     tok = ByteTokenizer()
     model_cfg = cfg.model_config(tok.vocab_size)
+    resume_path = _resume_path(cfg, resume)
     mesh = Mesh.from_spec(cfg.mesh)
     torch.manual_seed(cfg.seed)
     model = build_model(model_cfg, mesh, cfg.layout, seed=cfg.seed)
     trainer = TrainStep(model, mesh, lr=cfg.lr, weight_decay=cfg.weight_decay, clip=cfg.clip,
                         micro_batches=cfg.micro_batches)
     data = RandomWindows(tokenize_corpus(builtin_corpus(), tok), cfg.seq_len, cfg.seed)
+    start_step = 0
+    if resume_path:
+        meta = checkpoint.read_meta(resume_path)
+        checkpoint.check_model_matches(meta, dataclasses.asdict(model_cfg), resume_path)
+        checkpoint.load_checkpoint(resume_path, model, mesh, trainer.optimizer)
+        start_step = meta["step"]
     lead = mesh.rank == 0
     if lead:
         os.makedirs(cfg.out, exist_ok=True)
@@ -90,27 +105,39 @@ def run_training(cfg: TrainConfig) -> dict:
             json.dump({"train": dataclasses.asdict(cfg), "model": dataclasses.asdict(model_cfg)}, f, indent=2)
         print(f"meshtron: mesh {mesh.spec} ({mesh.world_size} ranks), layout {model.layout.rules or '(none)'}, "
               f"model {cfg.model} {model_cfg.num_params() / 1e6:.2f}M params, global batch {cfg.batch_size} x "
-              f"{cfg.seq_len} tokens, {cfg.steps} steps -> {cfg.out}", flush=True)
+              f"{cfg.seq_len} tokens, {cfg.steps} steps -> {cfg.out}"
+              + (f", resumed from {resume_path}" if resume_path else ""), flush=True)
+        with open(os.path.join(cfg.out, "run.log"), "a") as f:   # one line per start: what each attempt did
+            f.write(json.dumps({"time": time.time(), "attempt": faults.attempt(), "mesh": mesh.spec,
+                                "start_step": start_step, "resumed_from": resume_path}) + "\n")
     metrics_path = os.path.join(cfg.out, "metrics.jsonl")
-    metrics = open(metrics_path, "w") if lead else None
+    metrics = _open_metrics(metrics_path, start_step) if lead else None
     bar = _progress(cfg.steps) if lead else None
     tokens_per_step = cfg.batch_size * cfg.seq_len
     losses = []
     t_start = time.perf_counter()
-    for step in range(cfg.steps):
+    for step in range(start_step, cfg.steps):
         t0 = time.perf_counter()
         lr = lr_at(step, cfg)
+        model.rng.reseed(step)
         out = trainer.step(local_rows(data.global_batch(step, cfg.batch_size), trainer.batch_axis), lr=lr)
         dt = time.perf_counter() - t0
-        if not math.isfinite(out["loss"]):
-            raise FloatingPointError(f"loss became {out['loss']} at step {step + 1}: lower --lr or raise --clip")
         losses.append(out["loss"])
+        done = step + 1
+        faults.maybe_kill("step", mesh.rank, done)
         if lead:
-            rec = {"step": step + 1, "loss": out["loss"], "lr": lr, "tokens_per_s": tokens_per_step / dt,
+            rec = {"step": done, "loss": out["loss"], "lr": lr, "tokens_per_s": tokens_per_step / dt,
                    "grad_norm": out["grad_norm"], "step_time_s": dt, "elapsed_s": time.perf_counter() - t_start}
             metrics.write(json.dumps(rec) + "\n")
             metrics.flush()
-            bar.update(step + 1, out["loss"], rec["tokens_per_s"])
+            bar.update(done, out["loss"], rec["tokens_per_s"])
+        stopping = bool(cfg.stop_after) and done - start_step >= cfg.stop_after
+        if done == cfg.steps or stopping or (cfg.save_every and done % cfg.save_every == 0):
+            checkpoint.save_checkpoint(checkpoint_root(cfg), done, model, mesh, trainer.optimizer, keep=cfg.keep,
+                                       meta={"model": dataclasses.asdict(model_cfg),
+                                             "train": dataclasses.asdict(cfg), "data": {"position": done}})
+        if stopping:
+            break
     if lead:
         bar.close()
         metrics.close()
@@ -123,6 +150,32 @@ def run_training(cfg: TrainConfig) -> dict:
         if lead:
             print(f"--- sample ({cfg.sample_tokens} tokens, temperature 0.8, top-k 40) ---\n{sample}\n---", flush=True)
     return {"losses": losses, "sample": sample, "tokens_per_step": tokens_per_step} if lead else {}
+
+
+def _resume_path(cfg: TrainConfig, resume: bool) -> str | None:
+    """The checkpoint to continue from: with `resume`, the newest complete one (an error if there is none);
+    after an automatic restart (torchrun or meshtron's launcher), the newest one if any."""
+    path = checkpoint.latest_checkpoint(checkpoint_root(cfg))
+    if resume and path is None:
+        raise checkpoint.CheckpointError(f"--resume {cfg.out}: no complete checkpoint under "
+                                         f"{checkpoint_root(cfg)}; train without --resume to start a new run")
+    return path if (resume or faults.attempt() > 0) else None
+
+
+def _open_metrics(path: str, start_step: int):
+    """Append to metrics.jsonl, first dropping lines past `start_step` (left by an attempt that crashed)."""
+    kept = []
+    if start_step > 0 and os.path.exists(path):
+        with open(path) as f:
+            for line in f:
+                try:
+                    if json.loads(line).get("step", 0) <= start_step:
+                        kept.append(line)
+                except json.JSONDecodeError:
+                    break
+    f = open(path, "w")
+    f.writelines(kept)
+    return f
 
 
 class _progress:

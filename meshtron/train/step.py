@@ -106,8 +106,11 @@ class TrainStep:
         if lr is not None:
             for group in self.optimizer.param_groups:
                 group["lr"] = lr
-        loss = self.forward_backward(local_batch)
-        return {"loss": self.global_loss(loss), "grad_norm": self.update()}
+        loss = self.global_loss(self.forward_backward(local_batch))
+        if not math.isfinite(loss):
+            raise FloatingPointError(f"the loss is {loss}: stopped before the update, so the last checkpoint "
+                                     f"stays good; resume from it with a lower --lr or a tighter --clip")
+        return {"loss": loss, "grad_norm": self.update()}
 
     def update(self) -> float:
         """Clip, step the optimizer, clear gradients; returns the gradient norm before clipping."""

@@ -1,0 +1,185 @@
+"""Checkpoints: resume equals uninterrupted (bitwise on one mesh), resharding onto other meshes with the
+optimizer state, crash recovery under the restart launcher, atomic writes, and refused bad checkpoints."""
+import json
+import os
+
+import pytest
+import torch
+
+from meshtron import checkpoint as ck
+from meshtron.cli import main
+from meshtron.launch import run_ranks
+from meshtron.mesh import Mesh
+from meshtron.models import ModelConfig, build_model
+from meshtron.parallel.sharding import full_state_dict, gather_full
+from meshtron.train.step import TrainStep, local_rows
+
+COMMON = ["--model", "gpt-tiny", "--batch-size", "8", "--seq-len", "32", "--sample-tokens", "0", "--seed", "5",
+          "--lr", "3e-3", "--warmup-steps", "2"]
+
+
+def train(out, *argv, env=None):
+    if env:
+        os.environ.update(env)
+    try:
+        return main(["train", "--out", str(out)] + COMMON + list(argv))
+    finally:
+        for k in env or {}:
+            os.environ.pop(k, None)
+
+
+def losses(out):
+    with open(os.path.join(out, "metrics.jsonl")) as f:
+        rows = [json.loads(line) for line in f]
+    return [r["step"] for r in rows], [r["loss"] for r in rows]
+
+
+def final_params(out):
+    path = ck.latest_checkpoint(os.path.join(out, "checkpoints"))
+    meta = ck.read_meta(path)
+    model = build_model(ModelConfig(**meta["model"]), Mesh.from_spec("model:1"), seed=99)
+    ck.load_checkpoint(path, model, Mesh.from_spec("model:1"))
+    return meta["step"], full_state_dict(model, Mesh.from_spec("model:1"))
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    out = tmp_path_factory.mktemp("full")
+    assert train(out, "--mesh", "batch:2,model:2", "--steps", "6", "--save-every", "3") == 0
+    return out
+
+
+def test_resume_equals_uninterrupted_bitwise(uninterrupted, tmp_path):
+    assert train(tmp_path, "--mesh", "batch:2,model:2", "--steps", "6", "--stop-after", "3") == 0
+    assert losses(tmp_path)[0] == [1, 2, 3]
+    assert main(["train", "--resume", str(tmp_path)]) == 0
+    assert losses(tmp_path) == losses(uninterrupted)                 # bitwise: same floats
+    step, got = final_params(tmp_path)
+    ref_step, ref = final_params(uninterrupted)
+    assert step == ref_step == 6
+    assert all(torch.equal(got[k], ref[k]) for k in ref)
+
+
+@pytest.mark.parametrize("mesh", ["model:4", "batch:4", "model:1"])
+def test_resume_on_another_mesh(uninterrupted, tmp_path, mesh):
+    assert train(tmp_path, "--mesh", "batch:2,model:2", "--steps", "6", "--stop-after", "3") == 0
+    assert main(["train", "--resume", str(tmp_path), "--mesh", mesh]) == 0
+    steps, got = losses(tmp_path)
+    ref_steps, ref = losses(uninterrupted)
+    assert steps == ref_steps
+    assert got == pytest.approx(ref, rel=1e-5)
+
+
+CFG = ModelConfig("gpt", vocab_size=97, n_layer=2, n_head=4, d_model=32, max_seq_len=16)
+
+
+def _adam_full(model, opt, mesh):
+    return {n: gather_full(opt.state[p][k], p.shard, mesh).clone() for n, p in model.named_parameters()
+            for k in ("exp_avg", "exp_avg_sq")}
+
+
+def _save(spec, root):
+    mesh = Mesh.from_spec(spec)
+    model = build_model(CFG, mesh, seed=1)
+    tr = TrainStep(model, mesh, lr=1e-2)
+    tr.step(local_rows(torch.randint(0, 97, (8, 17), generator=torch.Generator().manual_seed(0)), tr.batch_axis))
+    ck.save_checkpoint(root, 1, model, mesh, tr.optimizer)
+    return full_state_dict(model, mesh), _adam_full(model, tr.optimizer, mesh)
+
+
+def _load(spec, root):
+    mesh = Mesh.from_spec(spec)
+    model = build_model(CFG, mesh, seed=2)
+    tr = TrainStep(model, mesh, lr=1e-2)
+    ck.load_checkpoint(ck.latest_checkpoint(root), model, mesh, tr.optimizer)
+    return full_state_dict(model, mesh), _adam_full(model, tr.optimizer, mesh)
+
+
+def test_optimizer_state_is_resharded_not_reinitialised(tmp_path):
+    params, adam = run_ranks(_save, 4, "batch:2,model:2", str(tmp_path))[0]
+    assert all(v.abs().sum() > 0 for k, v in adam.items() if "exp_avg_sq" in k and "k_proj.bias" not in k)
+    for spec, world in [("model:4", 4), ("batch:4", 4), ("model:2", 2)]:
+        got_params, got_adam = run_ranks(_load, world, spec, str(tmp_path))[0]
+        assert all(torch.equal(got_params[k], params[k]) for k in params), spec
+        assert all(torch.equal(got_adam[k], adam[k]) for k in adam), spec
+    got_params, got_adam = _load("model:1", str(tmp_path))
+    assert all(torch.equal(got_adam[k], adam[k]) for k in adam)
+
+
+def test_killed_rank_restarts_and_matches(uninterrupted, tmp_path, capsys):
+    env = {"MESHTRON_FAULT": "step:rank=1:step=4"}
+    assert train(tmp_path, "--mesh", "batch:2,model:2", "--steps", "6", "--save-every", "3", "--max-restarts", "2",
+                 env=env) == 0
+    assert "rank 1 was killed by SIGKILL; restarting from the newest checkpoint" in capsys.readouterr().err
+    assert not os.path.exists(tmp_path / "checkpoints" / ".step_00000006.partial")
+    assert losses(tmp_path) == losses(uninterrupted)
+    _, got = final_params(tmp_path)
+    _, ref = final_params(uninterrupted)
+    assert all(torch.equal(got[k], ref[k]) for k in ref)
+
+
+def test_killed_while_writing_checkpoint_loads_previous(uninterrupted, tmp_path, capfd):
+    env = {"MESHTRON_FAULT": "checkpoint:rank=0:step=6"}
+    assert train(tmp_path, "--mesh", "batch:2,model:2", "--steps", "6", "--save-every", "3", "--max-restarts", "1",
+                 env=env) == 0
+    assert "rank 0 was killed by SIGKILL" in capfd.readouterr().err
+    with open(tmp_path / "run.log") as f:
+        starts = [json.loads(line) for line in f]
+    assert [s["start_step"] for s in starts] == [0, 3]
+    assert starts[1]["resumed_from"] == os.path.join(str(tmp_path), "checkpoints", "step_00000003")
+    assert losses(tmp_path) == losses(uninterrupted)
+
+
+def test_partial_checkpoint_is_never_latest(tmp_path):
+    root = tmp_path / "checkpoints"
+    (root / ".step_00000009.partial").mkdir(parents=True)
+    (root / "step_00000010").mkdir()                # no meshtron.json: incomplete
+    assert ck.latest_checkpoint(str(root)) is None
+
+
+def test_bad_checkpoints_refused(uninterrupted, tmp_path, capsys):
+    import shutil
+    run = tmp_path / "run"
+    shutil.copytree(uninterrupted, run)
+    # another model shape
+    assert main(["train", "--resume", str(run), "--d-model", "64"]) == 1
+    assert "from another model (d_model: checkpoint 32 vs model 64)" in capsys.readouterr().err
+    # truncated shard file
+    latest = ck.latest_checkpoint(str(run / "checkpoints"))
+    shard = sorted(p for p in os.listdir(latest) if p.endswith(".distcp"))[0]
+    with open(os.path.join(latest, shard), "r+b") as f:
+        f.truncate(100)
+    assert main(["train", "--resume", str(run), "--steps", "8"]) == 1
+    assert f"is truncated: {shard}" in capsys.readouterr().err
+    # corrupted (same size)
+    shutil.rmtree(run)
+    shutil.copytree(uninterrupted, run)
+    latest = ck.latest_checkpoint(str(run / "checkpoints"))
+    with open(os.path.join(latest, shard), "r+b") as f:
+        f.seek(200)
+        byte = f.read(1)
+        f.seek(200)
+        f.write(bytes([byte[0] ^ 0xFF]))
+    assert main(["train", "--resume", str(run), "--steps", "8"]) == 1
+    assert "fails its CRC32 check" in capsys.readouterr().err
+
+
+def test_resume_without_checkpoint_and_unknown_config_key(tmp_path, capsys):
+    (tmp_path / "config.json").write_text(json.dumps({"train": {"out": str(tmp_path)}}))
+    assert main(["train", "--resume", str(tmp_path)]) == 1
+    assert "no complete checkpoint" in capsys.readouterr().err
+    cfg = tmp_path / "c.toml"
+    cfg.write_text('model = "gpt-tiny"\nlearning_rate = 0.1\n')
+    assert main(["train", "--config", str(cfg)]) == 2
+    assert "unknown option 'learning_rate'" in capsys.readouterr().err
+
+
+def test_non_finite_loss_stops_and_keeps_checkpoint(tmp_path, capsys):
+    assert train(tmp_path, "--mesh", "model:2", "--steps", "20", "--save-every", "1", "--lr", "1e12",
+                 "--clip", "0", "--warmup-steps", "0") == 1
+    err = capsys.readouterr().err
+    assert "the loss is nan" in err or "the loss is inf" in err
+    latest = ck.latest_checkpoint(str(tmp_path / "checkpoints"))
+    assert latest is not None
+    meta = ck.read_meta(latest)
+    assert meta["step"] >= 1
