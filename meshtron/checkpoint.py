@@ -79,9 +79,9 @@ def step_dir(root: str, step: int) -> str:
 
 
 def save_checkpoint(root: str, step: int, model: nn.Module, mesh, optimizer=None, meta: dict | None = None,
-                    files: dict[str, bytes] | None = None, keep: int | None = None) -> str:
-    """Write checkpoint `root/step_N` from every rank; returns its path. `meta` (JSON) and `files` (name ->
-    bytes, e.g. the tokenizer) are written by rank 0. Keeps the newest `keep` checkpoints if given."""
+                    write_extra=None, keep: int | None = None) -> str:
+    """Write checkpoint `root/step_N` from every rank; returns its path. `meta` (JSON) is written by rank 0,
+    which also calls `write_extra(folder)` (e.g. to save the tokenizer). Keeps the newest `keep` if given."""
     final = step_dir(root, step)
     partial = os.path.join(root, f".step_{step:08d}.partial")
     lead = mesh.rank == 0
@@ -94,11 +94,8 @@ def save_checkpoint(root: str, step: int, model: nn.Module, mesh, optimizer=None
     dcp.save(_state(model, mesh, optimizer), checkpoint_id=partial, no_dist=mesh.device_mesh is None)
     faults.maybe_kill("checkpoint", mesh.rank, step)
     if lead:
-        for name, data in (files or {}).items():
-            path = os.path.join(partial, name)
-            os.makedirs(os.path.dirname(path), exist_ok=True)
-            with open(path, "wb") as f:
-                f.write(data)
+        if write_extra is not None:
+            write_extra(partial)
         record = {"format": FORMAT_VERSION, "step": step, "mesh": mesh.spec, **(meta or {}),
                   "files": _file_table(partial)}
         with open(os.path.join(partial, META), "w") as f:

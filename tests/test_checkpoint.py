@@ -30,7 +30,7 @@ def train(out, *argv, env=None):
 
 def losses(out):
     with open(os.path.join(out, "metrics.jsonl")) as f:
-        rows = [json.loads(line) for line in f]
+        rows = [r for r in map(json.loads, f) if "loss" in r]
     return [r["step"] for r in rows], [r["loss"] for r in rows]
 
 

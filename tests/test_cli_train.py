@@ -12,7 +12,7 @@ COMMON = ["--model", "gpt-tiny", "--steps", "4", "--batch-size", "8", "--seq-len
 
 def losses(run_dir):
     with open(run_dir / "metrics.jsonl") as f:
-        rows = [json.loads(line) for line in f]
+        rows = [r for r in map(json.loads, f) if "loss" in r]
     assert [r["step"] for r in rows] == [1, 2, 3, 4]
     assert all({"loss", "lr", "tokens_per_s"} <= r.keys() for r in rows)
     return [r["loss"] for r in rows]

@@ -12,7 +12,7 @@ import sys
 COMMANDS = {
     "train": "train a model on a mesh (starts the ranks itself, or runs under torchrun)",
     "plot": "write PNG plots of a run's training and validation loss and throughput",
-    # "plan": "choose a mesh for a model and a cluster, predicting memory and step time",
+    "plan": "choose a mesh for a model and a cluster, predicting memory and step time",
 }
 
 

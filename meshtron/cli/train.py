@@ -16,6 +16,15 @@ FLAGS = {
     "layout": (str, "layout rules, e.g. 'batch:batch;heads:model;d_ff:model;vocab:model'. Default: "
                     "Mesh-TensorFlow's rules for the axes the mesh has"),
     "model": (str, "model preset (gpt-tiny, gpt-mini, llama-tiny, llama-mini, gpt2, ..., llama-7b)"),
+    "data": (str, "training text: a file, a folder of .txt/.md, a .jsonl with a 'text' field (each maybe .gz), "
+                  "or 'builtin' (CPython's documentation, the default)"),
+    "tokenizer": (str, "'byte' (default), 'bpe' (train one on the data, see --vocab-size), 'gpt2', a "
+                       "tokenizer.json, or a tokenizer folder"),
+    "vocab_size": (int, "vocabulary of a trained BPE tokenizer"),
+    "val_fraction": (float, "share of the data held out for validation"),
+    "eval_every": (int, "steps between validation passes (0: only at the end)"),
+    "eval_batches": (int, "batches per validation pass"),
+    "peak_tflops": (float, "peak TFLOP/s of one GPU (or one CPU machine) for MFU; measured when not given"),
     "steps": (int, "optimizer steps (in total, counting resumed ones)"),
     "batch_size": (int, "global batch, in sequences"),
     "micro_batches": (int, "gradient accumulation steps per update"),
@@ -42,6 +51,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-restarts", type=int, default=0, help="restart the job from its newest checkpoint this "
                    "many times after a rank dies")
     p.add_argument("--threads-per-rank", type=int, default=None)
+    p.add_argument("--bf16", action="store_const", const=True, default=None,
+                   help="bf16 autocast (float32 master weights, gradients and optimizer state)")
     for name, (kind, help_text) in FLAGS.items():
         p.add_argument("--" + name.replace("_", "-"), type=kind, default=None, help=help_text)
     for name, kind in MODEL_FLAGS.items():
@@ -95,7 +106,7 @@ def resolve(args):
         values["out"] = args.resume
     if args.config:
         merge(read_config_file(args.config), args.config)
-    merge({k: getattr(args, k) for k in FLAGS if getattr(args, k) is not None}, "flags")
+    merge({k: getattr(args, k) for k in list(FLAGS) + ["bf16"] if getattr(args, k) is not None}, "flags")
     merge({k: getattr(args, k) for k in MODEL_FLAGS if getattr(args, k) is not None}, "flags")
     cfg = TrainConfig(**values, overrides=overrides)
     if cfg.warmup_steps > cfg.steps:
@@ -103,15 +114,31 @@ def resolve(args):
     return cfg
 
 
+def get_vocab_for_check(cfg) -> int:
+    """Under torchrun each rank opens the data itself; the shape checks use the preset's vocabulary."""
+    from meshtron.models import get_preset
+    return get_preset(cfg.model).vocab_size
+
+
 def run(args) -> int:
     from meshtron.checkpoint import CheckpointError
     from meshtron.launch import RankError, run_ranks, under_launcher
     from meshtron.mesh import parse_mesh_spec
-    from meshtron.train.data import ByteTokenizer
-    from meshtron.train.loop import run_training
+    from meshtron.train.loop import open_data, run_training
     try:
         cfg = resolve(args)
-        cfg.check(ByteTokenizer.vocab_size)
+        if not under_launcher():   # tokenise once here (cached for the ranks); bad data fails before any rank
+            tokenizer = None
+            if args.resume:
+                from meshtron.checkpoint import latest_checkpoint
+                from meshtron.data import load_tokenizer
+                from meshtron.train.loop import checkpoint_root
+                latest = latest_checkpoint(checkpoint_root(cfg))
+                tokenizer = load_tokenizer(os.path.join(latest, "tokenizer")) if latest else None
+            vocab = open_data(cfg, tokenizer, log=lambda m: print(f"meshtron train: {m}", flush=True)).tokenizer.vocab_size
+        else:
+            vocab = get_vocab_for_check(cfg)
+        cfg.check(vocab)
         world = 1
         for size in parse_mesh_spec(cfg.mesh).values():
             world *= size
@@ -123,7 +150,7 @@ def run(args) -> int:
     if under_launcher() or (world == 1 and args.max_restarts == 0):
         try:
             run_training(cfg, resume)
-        except (CheckpointError, FloatingPointError) as e:
+        except (CheckpointError, FloatingPointError, ValueError) as e:
             print(f"meshtron train: error: {e}", file=sys.stderr)
             return 1
         return 0

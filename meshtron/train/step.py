@@ -78,8 +78,9 @@ class TrainStep:
     """Holds the (possibly DDP-wrapped) model and the optimizer; `step(local_batch)` does one update."""
 
     def __init__(self, model: nn.Module, mesh, *, lr: float, weight_decay: float = 0.1,
-                 betas=(0.9, 0.95), eps: float = 1e-8, clip: float = 1.0, micro_batches: int = 1):
-        self.model, self.mesh = model, mesh
+                 betas=(0.9, 0.95), eps: float = 1e-8, clip: float = 1.0, micro_batches: int = 1,
+                 bf16: bool = False):
+        self.model, self.mesh, self.bf16 = model, mesh, bf16
         self.batch_axis = model.layout.axis("batch")
         self.wrapped = wrap_data_parallel(model, self.batch_axis)
         self.clip, self.micro_batches = clip, micro_batches
@@ -97,7 +98,8 @@ class TrainStep:
             last = i == len(chunks) - 1
             sync = contextlib.nullcontext() if last or self.wrapped is self.model else self.wrapped.no_sync()
             with sync:
-                loss = self.wrapped(chunk[:, :-1], chunk[:, 1:]) / len(chunks)
+                with autocast(self.mesh.device.type, self.bf16):
+                    loss = self.wrapped(chunk[:, :-1], chunk[:, 1:]) / len(chunks)
                 loss.backward()
             total += loss.detach()
         return total
@@ -124,6 +126,29 @@ class TrainStep:
         loss = local_loss.detach().clone()
         C.all_reduce(loss, self.batch_axis.group)
         return (loss / self.batch_axis.size).item()
+
+
+def autocast(device_type: str, bf16: bool):
+    """bf16 autocast for the forward (parameters and gradients stay float32), or nothing."""
+    return torch.autocast(device_type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, batches, batch_axis, bf16: bool = False) -> float:
+    """Mean loss over `batches` (this rank's rows of each global batch), averaged over the batch axis."""
+    was_training = model.training
+    model.eval()
+    total, n = torch.zeros((), dtype=torch.float64), 0
+    for batch in batches:
+        with autocast(model.mesh.device.type, bf16):
+            total += model(batch[:, :-1], batch[:, 1:]).double()
+        n += 1
+    model.train(was_training)
+    if n == 0:
+        raise ValueError("no evaluation batches: the data has no validation windows at this --batch-size")
+    loss = (total / n).float()
+    C.all_reduce(loss, batch_axis.group)
+    return (loss / batch_axis.size).item()
 
 
 def local_rows(global_batch: torch.Tensor, batch_axis) -> torch.Tensor:

@@ -1,0 +1,97 @@
+"""The `cpu` hardware profile: this machine, measured once (GEMM, memory copy, gloo all-reduce, runtime RSS).
+
+Invariant: the measurement runs in a fresh interpreter (`_measure.py`, about 3 s) and is cached per machine
+(host, CPU count, torch and Python versions) under $MESHTRON_CACHE_DIR or ~/.cache/meshtron; a profile is
+always built from the cached numbers, so it is identical until the cache is removed or `recalibrate=True`.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import subprocess
+import sys
+
+from meshtron.planner.hardware import GIB, HardwareError, HardwareProfile
+
+CPU_DEVICES_PER_NODE = 256   # a CPU run's ranks all live on this machine unless --gpus-per-node says otherwise
+
+
+def cache_dir() -> str:
+    return os.environ.get("MESHTRON_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "meshtron")
+
+
+def machine_key() -> str:
+    import torch
+    parts = [platform.node(), platform.machine(), platform.processor(), str(os.cpu_count()), torch.__version__,
+             platform.python_version()]
+    return hashlib.sha1("|".join(parts).encode()).hexdigest()[:16]
+
+
+def measure() -> dict:
+    """Run `_measure.py` in a fresh interpreter and return its numbers."""
+    script = os.path.join(os.path.dirname(__file__), "_measure.py")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    try:
+        done = subprocess.run([sys.executable, script], capture_output=True, text=True, timeout=120, env=env)
+    except subprocess.TimeoutExpired:
+        raise HardwareError("calibrating the cpu profile timed out after 120 s") from None
+    if done.returncode != 0:
+        tail = done.stderr.strip().splitlines()[-3:]
+        raise HardwareError("calibrating the cpu profile failed: " + " | ".join(tail))
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def calibration(recalibrate: bool = False) -> dict:
+    """The cached measurement for this machine, measuring first if there is none."""
+    path = os.path.join(cache_dir(), f"cpu-profile-{machine_key()}.json")
+    if not recalibrate and os.path.isfile(path):
+        try:
+            with open(path) as f:
+                return json.load(f)
+        except (OSError, ValueError):
+            pass                                            # unreadable cache: measure again
+    numbers = measure()
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path + ".tmp", "w") as f:
+        json.dump(numbers, f, indent=1)
+    os.replace(path + ".tmp", path)
+    return numbers
+
+
+def calibration_warning(profile: HardwareProfile) -> str | None:
+    """A warning when the cpu profile was measured on a busy machine (its rates are then pessimistic)."""
+    load, cores = profile.measured.get("load_average", 0.0), profile.cores_per_node or 1
+    if load > cores:
+        return (f"the cpu profile was measured while the load average was {load:.1f} on {cores} cores, so its "
+                f"rates are pessimistic: rerun with --recalibrate when the machine is idle")
+    return None
+
+
+def total_ram_bytes() -> int:
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def cpu_profile(threads_per_rank: int = 1, *, recalibrate: bool = False) -> HardwareProfile:
+    """This machine as a 'device' per rank: each rank computes with `threads_per_rank` threads (ranks that share
+    the cores slow down, see `cost_model.compute_rate`), all ranks share the RAM, links are gloo over loopback."""
+    m = calibration(recalibrate)
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    latency_us = m["allreduce_latency_s"] * 1e6
+    # a 2-rank ring all-reduce of N bytes takes N/bw + 2 steps of latency (cost_model.all_reduce_time)
+    bw_gbs = m["allreduce_bytes"] / max(m["allreduce_s"] - 2 * m["allreduce_latency_s"], 1e-9) / 1e9
+    return HardwareProfile(
+        "cpu", {"fp32": m["gemm_flops_per_thread"] * threads_per_rank / 1e12},
+        memory_gib=total_ram_bytes() / GIB,
+        memory_bandwidth_gbs=m["memory_bandwidth_bytes_s"] * threads_per_rank / 1e9,
+        intra_node_bandwidth_gbs=bw_gbs, inter_node_bandwidth_gbs=bw_gbs,
+        devices_per_node=CPU_DEVICES_PER_NODE, intra_node_latency_us=latency_us, inter_node_latency_us=latency_us,
+        collective_efficiency=1.0,                        # measured, not a datasheet figure
+        runtime_overhead_gib=m["import_rss_bytes"] / GIB, default_dtype="fp32", cores_per_node=cores,
+        threads_per_rank=threads_per_rank, shared_memory=True,
+        description=f"this machine ({cores} cores), measured: fp32 GEMM {m['gemm_flops_per_thread'] / 1e9:.0f} "
+                    f"GFLOP/s per thread, copy {m['memory_bandwidth_bytes_s'] / 1e9:.1f} GB/s, gloo "
+                    f"{bw_gbs:.2f} GB/s and {latency_us:.0f} us, runtime RSS "
+                    f"{m['import_rss_bytes'] / 2 ** 20:.0f} MiB",
+        measured=m)
