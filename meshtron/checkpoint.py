@@ -12,10 +12,12 @@ Invariants:
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
 import shutil
+import warnings
 import zlib
 
 import torch
@@ -91,7 +93,8 @@ def save_checkpoint(root: str, step: int, model: nn.Module, mesh, optimizer=None
         os.makedirs(partial)
     _barrier(mesh)
     import torch.distributed.checkpoint as dcp
-    dcp.save(_state(model, mesh, optimizer), checkpoint_id=partial, no_dist=mesh.device_mesh is None)
+    with _quiet_single_process():
+        dcp.save(_state(model, mesh, optimizer), checkpoint_id=partial, no_dist=mesh.device_mesh is None)
     faults.maybe_kill("checkpoint", mesh.rank, step)
     if lead:
         if write_extra is not None:
@@ -135,6 +138,14 @@ def _fsync_dir(path: str) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+@contextlib.contextmanager
+def _quiet_single_process():
+    """DCP warns that it 'assumes a single process' when there is no process group: on one rank, that is right."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        yield
 
 
 def _barrier(mesh) -> None:
@@ -202,7 +213,8 @@ def load_checkpoint(path: str, model: nn.Module, mesh, optimizer=None) -> dict:
     if optimizer is None:
         state.pop("optim", None)
     try:
-        dcp.load(state, checkpoint_id=path, no_dist=mesh.device_mesh is None)
+        with _quiet_single_process():
+            dcp.load(state, checkpoint_id=path, no_dist=mesh.device_mesh is None)
     except Exception as e:  # noqa: BLE001 - DCP raises many kinds; name the checkpoint
         raise CheckpointError(f"could not load checkpoint {path}: {type(e).__name__}: {e}") from e
     if optimizer is not None:

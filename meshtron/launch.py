@@ -21,8 +21,36 @@ _PRELOADED = False
 
 
 def under_launcher() -> bool:
-    """True when torchrun (or another launcher that sets the env:// variables) started this process."""
+    """True when torchrun (or another launcher that sets the env:// variables) started this process. Under
+    SLURM (`srun`, one task per rank) the env:// variables are first derived from SLURM's."""
+    adopt_slurm_env()
     return "RANK" in os.environ and "WORLD_SIZE" in os.environ and "MASTER_ADDR" in os.environ
+
+
+def adopt_slurm_env(env=os.environ) -> bool:
+    """Fill RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE, MASTER_ADDR and MASTER_PORT from a SLURM job step
+    (SLURM_PROCID, SLURM_NTASKS, SLURM_LOCALID, SLURM_NTASKS_PER_NODE, SLURM_JOB_NODELIST), keeping any of them
+    already set. Returns True if SLURM's variables were used."""
+    if "RANK" in env or "SLURM_PROCID" not in env or "SLURM_NTASKS" not in env:
+        return False
+    env.setdefault("RANK", env["SLURM_PROCID"])
+    env.setdefault("WORLD_SIZE", env["SLURM_NTASKS"])
+    env.setdefault("LOCAL_RANK", env.get("SLURM_LOCALID", "0"))
+    per_node = env.get("SLURM_NTASKS_PER_NODE", "").split("(")[0]
+    if per_node.isdigit():
+        env.setdefault("LOCAL_WORLD_SIZE", per_node)
+    env.setdefault("MASTER_ADDR", first_host(env.get("SLURM_JOB_NODELIST", env.get("SLURM_NODELIST", "127.0.0.1"))))
+    env.setdefault("MASTER_PORT", "29500")
+    return True
+
+
+def first_host(nodelist: str) -> str:
+    """The first host of a SLURM node list: 'node[03-05,09],gpu1' -> 'node03'."""
+    head = nodelist.split(",")[0] if "[" not in nodelist.split(",")[0] else nodelist.split("]")[0] + "]"
+    if "[" not in head:
+        return head
+    prefix, ranges = head.split("[", 1)
+    return prefix + ranges.rstrip("]").split(",")[0].split("-")[0]
 
 
 def free_port() -> int:

@@ -11,6 +11,9 @@ import sys
 
 COMMANDS = {
     "train": "train a model on a mesh (starts the ranks itself, or runs under torchrun)",
+    "eval": "loss and perplexity of a trained model on any text",
+    "convert": "convert a Hugging Face GPT-2 or Llama folder into a meshtron checkpoint",
+    "export": "export a meshtron checkpoint as a Hugging Face folder",
     "plot": "write PNG plots of a run's training and validation loss and throughput",
     "plan": "choose a mesh for a model and a cluster, predicting memory and step time",
 }

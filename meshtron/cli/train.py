@@ -146,7 +146,8 @@ def run(args) -> int:
         print(f"meshtron train: error: {e}", file=sys.stderr)
         return 2
     resume = bool(args.resume)
-    print("meshtron train: " + " ".join(f"{k}={v}" for k, v in dataclasses.asdict(cfg).items()), flush=True)
+    if os.environ.get("RANK", "0") == "0":
+        print("meshtron train: " + " ".join(f"{k}={v}" for k, v in dataclasses.asdict(cfg).items()), flush=True)
     if under_launcher() or (world == 1 and args.max_restarts == 0):
         try:
             run_training(cfg, resume)
