@@ -98,3 +98,18 @@ def test_reference_clips_and_moves():
     init = build_model(GPT, Mesh.from_spec("model:1"), seed=7)
     for name, p in init.named_parameters():
         assert not torch.equal(p.data, params[-1][name]), name
+
+
+def _initial_weights(config, mesh_spec):
+    mesh = Mesh.from_spec(mesh_spec)
+    return full_state_dict(build_model(config, mesh, seed=11), mesh)
+
+
+@pytest.mark.parametrize("family", ["gpt", "llama"])
+def test_initialisation_is_mesh_independent(family):
+    config = GPT if family == "gpt" else LLAMA
+    ref = _initial_weights(config, "model:1")
+    got = run_ranks(_initial_weights, 4, config, "batch:2,model:2")
+    for rank_state in got:            # every rank gathers the same full tensors, bit for bit
+        assert rank_state.keys() == ref.keys()
+        assert all(torch.equal(rank_state[k], ref[k]) for k in ref)
