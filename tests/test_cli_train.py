@@ -40,3 +40,15 @@ def test_losses_equal_across_meshes(tmp_path, capsys):
 def test_bad_options_fail_fast(argv, message, tmp_path, capsys):
     assert main(["train", "--model", "gpt-tiny", "--batch-size", "8", "--out", str(tmp_path)] + argv) == 2
     assert message in capsys.readouterr().err
+
+
+def test_config_file_and_flag_override(tmp_path):
+    import shutil
+    cfg = tmp_path / "run.toml"
+    shutil.copy("examples/llama-mini.toml", cfg)
+    out = tmp_path / "run"
+    assert main(["train", "--config", str(cfg), "--steps", "2", "--out", str(out), "--d-model", "64",
+                 "--sample-tokens", "0", "--eval-every", "0"]) == 0
+    saved = json.loads((out / "config.json").read_text())
+    assert saved["train"]["micro_batches"] == 2 and saved["train"]["steps"] == 2
+    assert saved["model"]["family"] == "llama" and saved["model"]["d_model"] == 64
