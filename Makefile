@@ -20,7 +20,7 @@ $(TEST): $(BASE)
 	touch $@
 
 demo: $(BASE)
-	$(VENV)/bin/meshtron train --mesh batch:2,model:2 --model gpt-mini --steps 300 --out runs/demo
+	$(VENV)/bin/meshtron train --mesh batch:2,model:2 --model gpt-mini --steps 600 --eval-every 200 --out runs/demo
 
 test: $(TEST)
 	$(VENV)/bin/python -m pytest -q
