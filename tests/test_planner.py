@@ -79,6 +79,51 @@ def test_activation_bytes_are_korthikantis():
     assert fused == pytest.approx(sbh * 32)
 
 
+@pytest.mark.parametrize("family", ["gpt", "llama"])
+def test_activation_bytes_match_what_meshtrons_layers_save(family):
+    """The per-layer and head terms against the tensors autograd actually keeps for meshtron's own GPT and
+    Llama (fp32, no dropout, fused attention), one process: bench/bench_planner.py checks whole runs."""
+    import torch
+    from meshtron.mesh import Mesh
+    from meshtron.models import build_model
+
+    cfg = ModelConfig(family, vocab_size=97, n_layer=1, n_head=4, n_kv_head=2 if family == "llama" else None,
+                      d_model=128, d_ff=384, max_seq_len=64)
+    s, b = 64, 2
+
+    def saved(n_layer: int) -> int:
+        model = build_model(cfg.replace(n_layer=n_layer), Mesh.from_spec("model:1"))
+        params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+        kept = {}
+
+        def pack(t):
+            if t.untyped_storage().data_ptr() not in params:
+                kept[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+            return t
+        idx = torch.randint(0, cfg.vocab_size, (b, s + 1), generator=torch.Generator().manual_seed(0))
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            model(idx[:, :-1], idx[:, 1:])
+        return sum(kept.values())
+
+    one, three = saved(1), saved(3)
+    layer = cm.layer_activation_bytes(cfg, s, b, 1, False, 4, dropout=False, fused_attention=True)
+    assert (three - one) / 2 == pytest.approx(layer, rel=0.05)
+    head = cm.head_activation_bytes(cfg, s, b, 1, False, 4)
+    assert one - layer == pytest.approx(head, rel=0.1)
+
+
+def test_allocator_and_optimizer_step_memory():
+    """The allocator's share is the cpu profile's alone; the optimizer step's buffer shows only where it exceeds
+    the activations it replaces (a tiny batch)."""
+    cfg = PRESETS["gpt2-xl"]
+    pred = predict(cfg, ParallelLayout(dp=16, micro_batch=16), A100, global_batch=512, seq_len=1024)
+    assert pred.memory["allocator"] == 0 and pred.memory["optimizer_step"] == 0
+    small = predict(PRESETS["gpt2"], ParallelLayout(dp=1, micro_batch=1), A100, global_batch=1, seq_len=16)
+    assert small.memory["optimizer_step"] == pytest.approx(
+        cm.optimizer_temp_bytes(cm.stage_params(PRESETS["gpt2"], 1, 1, "last"), False, 1)
+        - small.memory["activations"])
+
+
 def test_bytes_per_parameter_table():
     assert sum(cm.state_bytes_per_param("fp32", False, 4)) == 16
     assert sum(cm.state_bytes_per_param("fp32", True, 4)) == 8 + 8 / 4

@@ -1,7 +1,8 @@
 """The cpu profile's measurement, run as a script in a fresh interpreter; prints one JSON object.
 
 Invariant: imports only torch (never meshtron), so the resident size it reports is that of a rank's runtime;
-starts its two gloo ranks by fork right after `import torch`, before any multithreaded math; about 2-3 s.
+starts its two gloo ranks by fork right after `import torch`, before any multithreaded math (as meshtron's
+launcher forks its ranks from a server that imported torch); about 2-3 s.
 """
 import json
 import multiprocessing as mp
@@ -46,15 +47,41 @@ def timed_collective(fn, reps: int) -> float:
     return best
 
 
+def tiny_training_steps(steps: int = 2) -> None:
+    """A few steps of a tiny transformer block (embedding, LayerNorm, fused attention, GELU MLP, tied head,
+    cross-entropy, gradient all-reduce, foreach AdamW): they load the code and allocate the runtime buffers a
+    training rank keeps, so the resident size afterwards is a rank's runtime, not its model."""
+    import torch.nn.functional as F
+    torch.manual_seed(0)
+    emb, qkv, out = torch.nn.Embedding(97, 64), torch.nn.Linear(64, 192), torch.nn.Linear(64, 64)
+    norm, up, down = torch.nn.LayerNorm(64), torch.nn.Linear(64, 256), torch.nn.Linear(256, 64)
+    params = [p for m in (emb, qkv, out, norm, up, down) for p in m.parameters()]
+    opt = torch.optim.AdamW(params, foreach=True)
+    for _ in range(steps):
+        idx = torch.randint(0, 97, (4, 33))
+        h = emb(idx[:, :-1])
+        q, k, v = qkv(norm(h)).view(4, 32, 3, 4, 16).permute(2, 0, 3, 1, 4)
+        h = h + out(F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2).reshape(4, 32, 64))
+        h = h + down(F.gelu(up(norm(h)), approximate="tanh"))
+        F.cross_entropy(F.linear(h, emb.weight).flatten(0, 1), idx[:, 1:].flatten()).backward()
+        for p in params:
+            dist.all_reduce(p.grad)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+
 def gloo_rank(rank: int, init_file: str, queue) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
     small, big = torch.zeros(1), torch.zeros(2 ** 22)             # 4 bytes, 16 MiB
     latency = timed_collective(lambda: dist.all_reduce(small), 50) / 2   # a 2-rank ring all-reduce: 2 steps
     big_s = timed_collective(lambda: dist.all_reduce(big), 8)
+    rank_rss = rss_bytes()
+    del big
+    tiny_training_steps()
     if rank == 0:
-        queue.put({"allreduce_latency_s": latency, "allreduce_bytes": big.numel() * 4, "allreduce_s": big_s,
-                   "rank_rss_bytes": rss_bytes()})
+        queue.put({"allreduce_latency_s": latency, "allreduce_bytes": 2 ** 24, "allreduce_s": big_s,
+                   "rank_rss_bytes": rank_rss, "rank_runtime_rss_bytes": rss_bytes()})
     dist.barrier()
     dist.destroy_process_group()
 

@@ -16,6 +16,25 @@ import sys
 from meshtron.planner.hardware import GIB, HardwareError, HardwareProfile
 
 CPU_DEVICES_PER_NODE = 256   # a CPU run's ranks all live on this machine unless --gpus-per-node says otherwise
+CALIBRATION_VERSION = 2      # bump when _measure.py's numbers change meaning: older caches are measured again
+
+# --- The cpu profile's own constants: what the calibration does not measure, fitted once to meshtron's runs on
+# this kind of machine (bench/bench_planner.py: GPT and Llama shapes, meshes model:1 to batch:2,model:2, with
+# per-step profiles of single ranks). The GPU profiles keep the cost model's defaults. -------------------------
+CPU_GEMM_EFFICIENCY = 0.80     # of the calibrated single-thread 1024^3 GEMM rate, per thread: alone, a training
+                               # step's GEMMs reach 0.9 of it and PyTorch's fused CPU attention 0.55; with every
+                               # core busy, ranks share the caches and the memory bus
+CPU_ELEMENTWISE_PASSES = 6.0   # eager-mode PyTorch on CPU runs each norm, activation, residual, rotary and loss op
+                               # as its own pass over memory (GPU default 2.5, with fused kernels); profiled: 0.2-0.4
+                               # s of a 2-2.4 s single-thread step outside GEMMs, attention and the optimizer
+CPU_OPTIMIZER_PASSES = 5.0     # torch.optim.AdamW(foreach=True) plus global-norm clipping move ~80 bytes per fp32
+                               # parameter, 5x its 16 bytes of state (measured: 0.28 s for 51M parameters, 1 thread)
+CPU_DP_OVERLAP = 0.0           # gloo reduces on the CPU: with every core computing, DDP's all-reduce does not hide
+                               # under the backward (the DP_OVERLAP of GPUs, whose NCCL kernels run alongside)
+CPU_ALLOCATOR_OVERHEAD = 0.15  # glibc malloc keeps freed blocks below the top of its heaps resident (tensors under
+                               # its dynamic mmap threshold, up to 32 MiB): the peak RSS of meshtron's runs after ~10
+                               # steps was 7-24% above the live tensors (measured with MALLOC_MMAP_THRESHOLD_ fixed),
+                               # and it creeps up a few % more over longer runs
 
 
 def cache_dir() -> str:
@@ -25,7 +44,7 @@ def cache_dir() -> str:
 def machine_key() -> str:
     import torch
     parts = [platform.node(), platform.machine(), platform.processor(), str(os.cpu_count()), torch.__version__,
-             platform.python_version()]
+             platform.python_version(), f"v{CALIBRATION_VERSION}"]
     return hashlib.sha1("|".join(parts).encode()).hexdigest()[:16]
 
 
@@ -88,10 +107,13 @@ def cpu_profile(threads_per_rank: int = 1, *, recalibrate: bool = False) -> Hard
         intra_node_bandwidth_gbs=bw_gbs, inter_node_bandwidth_gbs=bw_gbs,
         devices_per_node=CPU_DEVICES_PER_NODE, intra_node_latency_us=latency_us, inter_node_latency_us=latency_us,
         collective_efficiency=1.0,                        # measured, not a datasheet figure
-        runtime_overhead_gib=m["import_rss_bytes"] / GIB, default_dtype="fp32", cores_per_node=cores,
+        gemm_efficiency=CPU_GEMM_EFFICIENCY, elementwise_passes=CPU_ELEMENTWISE_PASSES,
+        optimizer_passes=CPU_OPTIMIZER_PASSES, dp_overlap=CPU_DP_OVERLAP,
+        runtime_overhead_gib=m["rank_runtime_rss_bytes"] / GIB, allocator_overhead=CPU_ALLOCATOR_OVERHEAD,
+        default_dtype="fp32", cores_per_node=cores,
         threads_per_rank=threads_per_rank, shared_memory=True,
         description=f"this machine ({cores} cores), measured: fp32 GEMM {m['gemm_flops_per_thread'] / 1e9:.0f} "
                     f"GFLOP/s per thread, copy {m['memory_bandwidth_bytes_s'] / 1e9:.1f} GB/s, gloo "
-                    f"{bw_gbs:.2f} GB/s and {latency_us:.0f} us, runtime RSS "
-                    f"{m['import_rss_bytes'] / 2 ** 20:.0f} MiB",
+                    f"{bw_gbs:.2f} GB/s and {latency_us:.0f} us, rank runtime RSS "
+                    f"{m['rank_runtime_rss_bytes'] / 2 ** 20:.0f} MiB",
         measured=m)

@@ -3,7 +3,8 @@
 Invariant: pure arithmetic on (model config, layout, hardware, batch, sequence, dtype), no I/O and no torch.
 Each function is one term and its docstring cites where the formula comes from. The constants right below
 are the only tuned numbers; one set serves every model and every profile (a device's own figures, including
-the GEMM efficiency it reaches, live in its `HardwareProfile`).
+the GEMM efficiency it reaches, live in its `HardwareProfile`; the measured `cpu` profile also states its own
+elementwise and optimizer passes, gradient-reduction overlap and allocator overhead, see calibrate.py).
 """
 from __future__ import annotations
 
@@ -27,6 +28,10 @@ DTYPE_BYTES = {"bf16": 2, "fp16": 2, "tf32": 4, "fp32": 4}
 MASK_BYTES = 1             # a dropout mask element (Korthikanti et al. 2022, section 4.1)
 LOGIT_BYTES = 4            # logits are kept in fp32 for the cross-entropy (Korthikanti et al. 2022, 4.1.2)
 GRAD_REDUCE_BYTES = 4      # gradients are reduced in fp32 (the fp32 grads of the bytes-per-parameter table)
+ADAM_TEMP_BYTES = 4        # torch.optim.AdamW(foreach=True), meshtron's optimizer, allocates sqrt(v) in fp32 for
+                           # every parameter it updates, for the length of the step (torch/optim/adamw.py)
+NORM_STORED = {"gpt": 1,   # tensors of s·b·h a norm keeps for its backward: torch's fused LayerNorm its input;
+               "llama": 2} # meshtron's RMSNorm (PyTorch ops, fp32 as Llama) its input and the normalised x
 
 
 @dataclass(frozen=True)
@@ -140,7 +145,8 @@ def layer_activation_bytes(cfg: ModelConfig, s: int, b: int, tp: int, sp: bool, 
     Korthikanti et al. 2022, section 4: with 16-bit elements and dropout, s·b·h·(34 + 5·a·s/h); tensor parallel
     s·b·h·(10 + 24/t + 5·a·s/(h·t)); plus sequence parallel s·b·h·(34/t + 5·a·s/(h·t)). Here per element size e
     and mask size m, so fp32 and dropout-free runs scale correctly. Not split without sequence parallelism:
-    two norm inputs, the QKV and fc1 inputs, two dropout masks: 4·e + 2·m per s·b·h. Split: Q, K, V and the
+    two norm inputs, the QKV and fc1 inputs, two dropout masks: 4·e + 2·m per s·b·h (Llama's RMSNorm as meshtron
+    writes it also keeps its normalised input: 2·e more, NORM_STORED). Split: Q, K, V and the
     output-projection input, e·(2 + 2·kv/h), and the MLP's e·f/h per stored tensor (GELU: its input and fc2's,
     2 x 4h; SwiGLU: gate, silu(gate), up and their product, 4 x f). Scores: softmax output, dropout mask and
     output, (2·e + m) per a·s²·b. e=2, m=1, GPT gives 34 and 5. A fused attention kernel (FlashAttention, Dao
@@ -148,7 +154,7 @@ def layer_activation_bytes(cfg: ModelConfig, s: int, b: int, tp: int, sp: bool, 
     h, a, f = cfg.d_model, cfg.n_head, cfg.ffn_dim
     m = MASK_BYTES if dropout else 0
     mlp_tensors = 2 if cfg.family == "gpt" else 4
-    replicated = 4 * elem + 2 * m
+    replicated = 2 * (NORM_STORED[cfg.family] + 1) * elem + 2 * m
     split = elem * (2 + 2 * cfg.kv_heads / cfg.n_head) + elem * mlp_tensors * f / h
     per_sbh = (replicated + split) / tp if sp else replicated + split / tp
     scores = 0.0 if fused_attention else (elem + (elem + m if dropout else 0)) * a * s / h / tp
@@ -164,6 +170,26 @@ def checkpoint_bytes(cfg: ModelConfig, s: int, b: int, tp: int, sp: bool, elem: 
 def logits_bytes(cfg: ModelConfig, s: int, b: int, tp: int) -> float:
     """fp32 logits for the loss, vocab-parallel: 4·s·b·V/t (Korthikanti et al. 2022, section 4.1.2)."""
     return LOGIT_BYTES * s * b * pad_to_multiple(cfg.vocab_size, tp) / tp
+
+
+def head_activation_bytes(cfg: ModelConfig, s: int, b: int, tp: int, sp: bool, elem: int) -> float:
+    """What the last stage keeps besides its layers: the final norm's stored tensors and the output layer's
+    input, (NORM_STORED + 1)·e·s·b·h (split over t with sequence parallelism), and the fp32 logits (the
+    cross-entropy keeps their softmax). Korthikanti et al. 2022 count only the logits (4.1.2)."""
+    return ((NORM_STORED[cfg.family] + 1) * elem * s * b * cfg.d_model / (tp if sp else 1)
+            + logits_bytes(cfg, s, b, tp))
+
+
+def loss_working_bytes(cfg: ModelConfig, s: int, b: int, tp: int) -> float:
+    """The cross-entropy's forward holds the logits and their max-shifted copy at once (Megatron's and
+    meshtron's vocab-parallel cross-entropy): one more fp32 logits tensor at the peak, on the last stage."""
+    return logits_bytes(cfg, s, b, tp)
+
+
+def optimizer_temp_bytes(n_params: float, sharded: bool, dp: int) -> float:
+    """The optimizer step's transient buffers, ADAM_TEMP_BYTES per parameter the device updates (its shard with
+    a sharded optimizer). They live while the activations are freed: the peak is the larger of the two."""
+    return n_params * ADAM_TEMP_BYTES / (dp if sharded else 1)
 
 
 def in_flight_microbatches(pp: int, m: int, v: int) -> float:
@@ -241,10 +267,11 @@ def compute_rate(hw: HardwareProfile, dtype: str, devices_on_node: int) -> tuple
     return hw.peak_flops(dtype) * hw.gemm_efficiency * share, hw.memory_bandwidth_gbs * 1e9 * share
 
 
-def elementwise_time(activation_bytes: float, mem_bw: float) -> float:
-    """Memory-bound kernels (roofline, Williams et al. 2009): ELEMENTWISE_PASSES x the layer's stored
-    activations (Korthikanti's byte count, a proxy for what those kernels read and write) over memory bandwidth."""
-    return ELEMENTWISE_PASSES * activation_bytes / mem_bw
+def elementwise_time(activation_bytes: float, mem_bw: float, passes: float | None = None) -> float:
+    """Memory-bound kernels (roofline, Williams et al. 2009): ELEMENTWISE_PASSES (or the profile's own count)
+    x the layer's stored activations (Korthikanti's byte count, a proxy for what those kernels read and write)
+    over memory bandwidth."""
+    return (ELEMENTWISE_PASSES if passes is None else passes) * activation_bytes / mem_bw
 
 
 def pipeline_time(t_microbatch: float, m: int, pp: int, v: int) -> tuple[float, float]:
@@ -253,16 +280,20 @@ def pipeline_time(t_microbatch: float, m: int, pp: int, v: int) -> tuple[float, 
     return m * t_microbatch, (pp - 1) / v * t_microbatch
 
 
-def dp_exposed_time(reduce_s: float, gather_s: float, last_backward_s: float) -> float:
+def dp_exposed_time(reduce_s: float, gather_s: float, last_backward_s: float,
+                    overlap: float | None = None) -> float:
     """Gradient reduction over the batch axis hides under the last micro-batch's backward, whose buckets are
-    ready layer by layer (Li et al. 2020, PyTorch DDP); only the part beyond DP_OVERLAP of that backward shows.
-    The sharded optimizer's parameter all-gather (Megatron's distributed optimizer) follows the step."""
-    return max(0.0, reduce_s - DP_OVERLAP * last_backward_s) + gather_s
+    ready layer by layer (Li et al. 2020, PyTorch DDP); only the part beyond DP_OVERLAP (or the profile's own
+    share) of that backward shows. The sharded optimizer's parameter all-gather (Megatron's distributed
+    optimizer) follows the step."""
+    share = DP_OVERLAP if overlap is None else overlap
+    return max(0.0, reduce_s - share * last_backward_s) + gather_s
 
 
-def optimizer_time(state_bytes: float, mem_bw: float) -> float:
-    """Adam is memory-bound: read and write every byte of the device's parameter, gradient and optimizer state."""
-    return 2 * state_bytes / mem_bw
+def optimizer_time(state_bytes: float, mem_bw: float, passes: float = 2.0) -> float:
+    """Adam is memory-bound: a fused Adam reads and writes every byte of the device's parameter, gradient and
+    optimizer state once (2 passes); an unfused one (the profile's optimizer_passes) moves them more often."""
+    return passes * state_bytes / mem_bw
 
 
 # --- The prediction -------------------------------------------------------------------------------------------
@@ -308,11 +339,18 @@ def predict_memory(cfg: ModelConfig, lay: ParallelLayout, hw: HardwareProfile, g
     stages = []
     for stage, in_flight in (("first", in_flight_microbatches(p, m, lay.virtual_stages)), ("last", 1)):
         n = stage_params(cfg, t, p, stage)
-        acts = in_flight * (cfg.n_layer // p) * stored_layer + working
+        acts = in_flight * (cfg.n_layer // p) * stored_layer
         if stage == "last" or p == 1:
-            acts += logits_bytes(cfg, s, b, t)
-        stages.append({"params": n * per_param[0], "grads": n * per_param[1], "optimizer": n * per_param[2],
-                       "activations": acts, "runtime": hw.runtime_overhead_bytes})
+            acts += head_activation_bytes(cfg, s, b, t, lay.sequence_parallel, e)
+            working = max(working, loss_working_bytes(cfg, s, b, t))
+        acts += working
+        mem = {"params": n * per_param[0], "grads": n * per_param[1], "optimizer": n * per_param[2],
+               "activations": acts}
+        # the optimizer step runs after the backward has freed the activations: only its excess shows
+        mem["optimizer_step"] = max(0.0, optimizer_temp_bytes(n, lay.sharded_optimizer, lay.dp) - acts)
+        mem["allocator"] = hw.allocator_overhead * sum(mem.values())
+        mem["runtime"] = hw.runtime_overhead_bytes
+        stages.append(mem)
     memory = max(stages, key=lambda x: sum(x.values()))
     memory["total"] = sum(memory.values())
     return memory
@@ -331,7 +369,8 @@ def predict_time(cfg: ModelConfig, lay: ParallelLayout, hw: HardwareProfile, glo
 
     passes = 4 if lay.recompute else 3                     # forward, backward (2x forward), recomputed forward
     full_layer = layer_activation_bytes(cfg, s, b, t, lay.sequence_parallel, e, cfg.dropout > 0, fused)
-    layer_compute = passes * (layer_forward_flops(cfg, s, b) / t / flops_s + elementwise_time(full_layer, mem_bw))
+    layer_compute = passes * (layer_forward_flops(cfg, s, b) / t / flops_s
+                              + elementwise_time(full_layer, mem_bw, hw.elementwise_passes))
     act = s * b * cfg.d_model * e                          # one s·b·h activation
     layer_tp = tp_collectives_per_layer(lay.recompute) * all_reduce_time(act, t, *tp_link)
     embed_tp = all_reduce_time(act, t, *tp_link)           # vocab-parallel embedding: one all-reduce forward
@@ -354,7 +393,7 @@ def predict_time(cfg: ModelConfig, lay: ParallelLayout, hw: HardwareProfile, glo
     else:
         reduce_s, gather_s = all_reduce_time(n_params * GRAD_REDUCE_BYTES, d, *dp_link), 0.0
     last_backward = (passes - 1) / passes * layers * layer_compute
-    time["dp_comm"] = dp_exposed_time(reduce_s, gather_s, last_backward)
-    time["optimizer"] = optimizer_time(n_params * sum(per_param), mem_bw)
+    time["dp_comm"] = dp_exposed_time(reduce_s, gather_s, last_backward, hw.dp_overlap)
+    time["optimizer"] = optimizer_time(n_params * sum(per_param), mem_bw, hw.optimizer_passes)
     time["step"] = busy + bubble + time["dp_comm"] + time["optimizer"]
     return time

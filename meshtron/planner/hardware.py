@@ -33,6 +33,13 @@ class HardwareProfile:
     collective_efficiency: float = 0.8   # fraction of link bandwidth a ring collective reaches (NCCL bus bw)
     runtime_overhead_gib: float = 1.0    # per device, before any tensor: CUDA context + NCCL buffers, or a
                                          # CPU rank's Python + torch runtime (part of the measured peak RSS)
+    allocator_overhead: float = 0.0      # memory the allocator holds beyond the live tensors, as a share of them
+                                         # (CPU: freed blocks glibc malloc keeps resident; GPUs: see
+                                         # cost_model.MEMORY_HEADROOM)
+    elementwise_passes: float | None = None  # None: cost_model.ELEMENTWISE_PASSES (fused GPU kernels)
+    optimizer_passes: float = 2.0        # times the optimizer step reads or writes each byte of the device's
+                                         # parameter, gradient and optimizer state (fused Adam: read + write)
+    dp_overlap: float | None = None      # None: cost_model.DP_OVERLAP (a GPU's copy engines and NCCL overlap)
     default_dtype: str = "bf16"
     cores_per_node: int | None = None    # CPU only: ranks on a node share these cores
     threads_per_rank: int = 1            # CPU only: compute threads of one rank
