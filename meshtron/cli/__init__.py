@@ -11,6 +11,8 @@ import sys
 
 COMMANDS = {
     "train": "train a model on a mesh (starts the ranks itself, or runs under torchrun)",
+    "generate": "generate text from a checkpoint or Hugging Face folder, tensor-parallel with a KV cache",
+    "serve": "serve an OpenAI-compatible completions API from a checkpoint or Hugging Face folder",
     "eval": "loss and perplexity of a trained model on any text",
     "convert": "convert a Hugging Face GPT-2 or Llama folder into a meshtron checkpoint",
     "export": "export a meshtron checkpoint as a Hugging Face folder",

@@ -45,7 +45,14 @@ class CausalLM(nn.Module):
     @torch.no_grad()
     def generate(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
                  seed: int = 0) -> torch.Tensor:
-        """Sample continuation tokens; every rank draws the same tokens (same seed, same full logits)."""
+        """Sample continuation tokens (row b seeded with seed + b); every rank gets the same tokens. Decodes with
+        a KV cache (meshtron.inference); past max_seq_len it slides a window without a cache."""
+        if idx.shape[1] + max_new_tokens <= self.config.max_seq_len and max_new_tokens > 0:
+            from meshtron.inference import SamplingParams, generate
+            params = [SamplingParams(max_new_tokens, temperature, top_k or 0, seed=seed + b)
+                      for b in range(idx.shape[0])]
+            done = generate(self, idx.tolist(), params)
+            return torch.cat([idx, torch.tensor([c.token_ids for c in done], dtype=idx.dtype, device=idx.device)], 1)
         g = torch.Generator().manual_seed(seed)
         for _ in range(max_new_tokens):
             ctx = idx[:, -self.config.max_seq_len:]

@@ -32,8 +32,8 @@ class Block(nn.Module):
                                std=std, out_std=out_std)
         self.p, self.rng = cfg.dropout, rng
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + dropout(self.attn(self.ln_1(x)), self.p, self.rng.replicated, self.training)
+    def forward(self, x: torch.Tensor, cache=None) -> torch.Tensor:
+        x = x + dropout(self.attn(self.ln_1(x), cache), self.p, self.rng.replicated, self.training)
         return x + dropout(self.mlp(self.ln_2(x)), self.p, self.rng.replicated, self.training)
 
 
@@ -49,10 +49,12 @@ class GPT(CausalLM):
                                       tied=self.wte if cfg.tied else None)
         self.finish_init()
 
-    def hidden(self, idx: torch.Tensor) -> torch.Tensor:
+    def hidden(self, idx: torch.Tensor, cache=None) -> torch.Tensor:
+        """`cache` (a KVCache, for decoding): positions come from it, keys and values go into it."""
         T = idx.shape[1]
-        x = self.wte(idx) + self.wpe[:T]                                     # (B, T, d)
+        pos = self.wpe[:T] if cache is None else self.wpe[cache.positions]   # (T, d) or (B, T, d)
+        x = self.wte(idx) + pos                                              # (B, T, d)
         x = dropout(x, self.config.dropout, self.rng.replicated, self.training)
-        for block in self.blocks:
-            x = block(x)
+        for i, block in enumerate(self.blocks):
+            x = block(x, None if cache is None else cache.layers[i])
         return self.ln_f(x)

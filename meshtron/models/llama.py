@@ -32,8 +32,8 @@ class Block(nn.Module):
                                std=std, out_std=out_std)
         self.p, self.rng = cfg.dropout, rng
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + dropout(self.attn(self.attn_norm(x)), self.p, self.rng.replicated, self.training)
+    def forward(self, x: torch.Tensor, cache=None) -> torch.Tensor:
+        x = x + dropout(self.attn(self.attn_norm(x), cache), self.p, self.rng.replicated, self.training)
         return x + dropout(self.mlp(self.mlp_norm(x)), self.p, self.rng.replicated, self.training)
 
 
@@ -49,8 +49,9 @@ class Llama(CausalLM):
                                       tied=self.embed if cfg.tied else None)
         self.finish_init()
 
-    def hidden(self, idx: torch.Tensor) -> torch.Tensor:
+    def hidden(self, idx: torch.Tensor, cache=None) -> torch.Tensor:
+        """`cache` (a KVCache, for decoding): rotary positions come from it, keys and values go into it."""
         x = self.embed(idx)                                                  # (B, T, d)
-        for block in self.blocks:
-            x = block(x)
+        for i, block in enumerate(self.blocks):
+            x = block(x, None if cache is None else cache.layers[i])
         return self.norm(x)

@@ -3,6 +3,8 @@
 Invariant: rank r of the heads axis holds query heads [r*H/t, (r+1)*H/t) and key/value heads
 [r*K/t, (r+1)*K/t), which are exactly the kv heads its query heads read under grouped-query attention, so
 attention is local. One `f` on entry (shared by Q, K and V) and one `g` on exit: two all-reduces per call.
+Decoding passes a per-layer `cache` (meshtron.inference.kv_cache.LayerCache): it holds this rank's local kv
+heads only, appends the new keys and values, and supplies positions and the padding mask; no extra collective.
 """
 from __future__ import annotations
 
@@ -37,15 +39,28 @@ class ParallelAttention(nn.Module):
         self.dropout_p, self.rng = dropout_p, rng
         self.rotary = [rotary]  # shared module, kept out of this module's children
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cache=None) -> torch.Tensor:
         B, T, _ = x.shape
         x = copy_to_parallel(x, self.axis)                                        # f
         q = self.q_proj(x).view(B, T, self.n_local, self.head_dim).transpose(1, 2)     # (B, h, T, hd)
         k = self.k_proj(x).view(B, T, self.n_kv_local, self.head_dim).transpose(1, 2)  # (B, kv, T, hd)
         v = self.v_proj(x).view(B, T, self.n_kv_local, self.head_dim).transpose(1, 2)
+        if cache is not None:
+            return self._decode(q, k, v, cache)
         if self.rotary[0] is not None:
             q, k = self.rotary[0](q, k)
         y = self._attend(q, k, v)                                                 # (B, h, T, hd)
+        y = y.transpose(1, 2).reshape(B, T, self.n_local * self.head_dim)
+        return self.o_proj(y)                                                     # g
+
+    def _decode(self, q, k, v, cache) -> torch.Tensor:
+        """Attention over the cached keys and values plus these (KV cache: prefill, then a token per step)."""
+        B, _, T, _ = q.shape
+        if self.rotary[0] is not None:
+            q, k = self.rotary[0].at(q, k, cache.positions)                        # per-sequence positions
+        k, v = cache.update(k, v)                                                 # (B, kv, S, hd), S >= T
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=cache.mask, is_causal=cache.causal,
+                                           enable_gqa=self.n_kv_local != self.n_local)
         y = y.transpose(1, 2).reshape(B, T, self.n_local * self.head_dim)
         return self.o_proj(y)                                                     # g
 

@@ -1,7 +1,8 @@
 """Rotary position embeddings (Su et al. 2021) in the half-split convention Llama checkpoints use.
 
 Invariant: a rotation depends only on the position and the head-dimension index, so it is applied locally
-to whatever heads this rank holds, with no communication.
+to whatever heads this rank holds, with no communication. Training rotates positions 0..T-1 (`forward`);
+decoding with a KV cache rotates each sequence's own positions (`at`), the same table rows.
 """
 from __future__ import annotations
 
@@ -29,4 +30,10 @@ class Rotary(nn.Module):
         T = q.shape[-2]
         cos = self.cos[start:start + T].to(q.dtype)
         sin = self.sin[start:start + T].to(q.dtype)
+        return q * cos + self._rotate_half(q) * sin, k * cos + self._rotate_half(k) * sin
+
+    def at(self, q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor):
+        """Rotate by per-sequence positions (B, T): a left-padded batch or a decoding step."""
+        cos = self.cos[positions].unsqueeze(1).to(q.dtype)       # (B, 1, T, hd)
+        sin = self.sin[positions].unsqueeze(1).to(q.dtype)
         return q * cos + self._rotate_half(q) * sin, k * cos + self._rotate_half(k) * sin

@@ -1,0 +1,239 @@
+"""`meshtron serve` as a user runs it: a real server process on model:2 (a random-weight GPT-2 folder with a
+word-level tokenizer) on a free 127.0.0.1 port, exercised over HTTP: non-streaming and streaming completions equal
+the library's greedy output on one rank, 32 concurrent clients are all answered correctly (batched, with a queue:
+--max-batch 8), bad requests get their 4xx in OpenAI's error shape while the server keeps serving, seeded sampling
+is reproducible, and SIGTERM stops every rank cleanly. The process group is killed on teardown whatever happens.
+"""
+import importlib.util
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+import torch
+
+from meshtron.launch import free_port
+
+if importlib.util.find_spec("transformers") is None or importlib.util.find_spec("fastapi") is None:
+    pytest.skip("transformers and fastapi are needed", allow_module_level=True)
+import httpx  # noqa: E402
+
+VOCAB, CTX, KEY = 101, 64, "sk-meshtron-test"
+EOS = VOCAB - 1
+SERVE = ("import sys, argparse; from meshtron.cli import serve as s; p = argparse.ArgumentParser(); "
+         "s.add_arguments(p); sys.exit(s.run(p.parse_args(sys.argv[1:])))")
+
+
+def _model_folder(path: str) -> None:
+    import transformers
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    torch.manual_seed(0)
+    model = transformers.GPT2LMHeadModel(transformers.GPT2Config(
+        n_layer=2, n_embd=64, n_head=4, vocab_size=VOCAB, n_positions=CTX, bos_token_id=EOS, eos_token_id=EOS))
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * 0.2)
+        model.transformer.wte.weight[EOS] = 0             # EOS logit 0: sometimes greedy, mostly not
+    model.save_pretrained(path)
+    vocab = {f"w{i}": i for i in range(VOCAB - 2)} | {"<unk>": VOCAB - 2, "<|endoftext|>": EOS}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    transformers.PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>",
+                                         eos_token="<|endoftext|>").save_pretrained(path)
+
+
+def _prompt(i: int) -> str:
+    return " ".join(f"w{(7 * i + 3 * j) % 90}" for j in range(1 + i % 9))
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    """(base url, process, model folder); the server's process group is killed at the end."""
+    path = str(tmp_path_factory.mktemp("served"))
+    _model_folder(path)
+    port = free_port()
+    log = open(os.path.join(path, "server.log"), "w+")
+    proc = subprocess.Popen([sys.executable, "-c", SERVE, path, "--mesh", "model:2", "--port", str(port),
+                             "--api-key", KEY, "--max-prompt-tokens", "32", "--max-tokens-limit", "40",
+                             "--max-body-bytes", "4096", "--max-batch", "8", "--served-model-name", "tiny"],
+                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 90
+        while True:
+            try:
+                if httpx.get(url + "/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if proc.poll() is not None or time.monotonic() > deadline:
+                log.seek(0)
+                pytest.fail(f"the server did not start (exit code {proc.poll()}):\n{log.read()}")
+            time.sleep(0.2)
+        yield url, proc, path
+    finally:
+        _kill_group(proc)
+        log.close()
+
+
+def _kill_group(proc) -> None:
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(20)
+    except (ProcessLookupError, subprocess.TimeoutExpired):
+        pass
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    proc.wait()
+
+
+@pytest.fixture(scope="module")
+def expected(server):
+    """The library's greedy completion of each test prompt on one rank: what the server must answer."""
+    from meshtron.inference import Engine, Request, SamplingParams, model_eos_ids
+    from meshtron.load import open_model
+    from meshtron.mesh import Mesh
+    model, tok, src = open_model(server[2], Mesh.from_spec("model:1"))
+    engine = Engine(model, tok, model_eos_ids(src, tok))
+    reqs = [Request(i, tok.encode(_prompt(i)), SamplingParams(4 + i % 13, temperature=0)) for i in range(32)]
+    return {c.id: c for c in engine.generate(reqs)}
+
+
+def _post(url, body, key=KEY, **kw):
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    content = body if isinstance(body, (bytes, str)) else json.dumps(body)
+    return httpx.post(url + "/v1/completions", content=content, headers=headers, timeout=60, **kw)
+
+
+def test_completion(server, expected):
+    url = server[0]
+    r = _post(url, {"model": "tiny", "prompt": _prompt(3), "max_tokens": 4 + 3, "temperature": 0})
+    assert r.status_code == 200, r.text
+    body, want = r.json(), expected[3]
+    assert body["object"] == "text_completion" and body["model"] == "tiny" and body["id"].startswith("cmpl-")
+    assert isinstance(body["created"], int)
+    assert body["choices"] == [{"index": 0, "text": want.text, "logprobs": None, "finish_reason": want.finish_reason}]
+    assert body["usage"] == {"prompt_tokens": len(want.prompt_ids), "completion_tokens": len(want.token_ids),
+                             "total_tokens": len(want.prompt_ids) + len(want.token_ids)}
+    r = _post(url, {"prompt": [_prompt(5), _prompt(18)], "max_tokens": 9, "temperature": 0}).json()  # 4 + i % 13
+    assert [(c["index"], c["text"], c["finish_reason"]) for c in r["choices"]] == \
+        [(0, expected[5].text, expected[5].finish_reason), (1, expected[18].text, expected[18].finish_reason)]
+    assert r["usage"]["completion_tokens"] == len(expected[5].token_ids) + len(expected[18].token_ids)
+    models = httpx.get(url + "/v1/models", headers={"Authorization": f"Bearer {KEY}"}).json()
+    assert [m["id"] for m in models["data"]] == ["tiny"] and models["object"] == "list"
+
+
+def test_streaming(server, expected):
+    url = server[0]
+    want = expected[7]
+    pieces, reasons, usage, lines = [], [], None, []
+    headers = {"Authorization": f"Bearer {KEY}"}
+    body = {"prompt": _prompt(7), "max_tokens": 4 + 7, "temperature": 0, "stream": True,
+            "stream_options": {"include_usage": True}}
+    with httpx.stream("POST", url + "/v1/completions", json=body, headers=headers, timeout=60) as r:
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+        for line in r.iter_lines():
+            if line:
+                lines.append(line)
+    assert all(line.startswith("data: ") for line in lines) and lines[-1] == "data: [DONE]"
+    assert len(want.token_ids) == 4 + 7
+    for line in lines[:-1]:
+        chunk = json.loads(line[6:])
+        assert chunk["object"] == "text_completion"
+        if chunk["choices"]:
+            pieces.append(chunk["choices"][0]["text"])
+            reasons.append(chunk["choices"][0]["finish_reason"])
+        else:
+            usage = chunk["usage"]
+    assert len(pieces) > 2                                   # it streamed, token by token
+    assert "".join(pieces) == want.text and reasons[-1] == want.finish_reason and set(reasons[:-1]) == {None}
+    assert usage["completion_tokens"] == len(want.token_ids)
+
+
+def test_concurrent_clients(server, expected):
+    url = server[0]
+
+    def one(i):
+        r = _post(url, {"prompt": _prompt(i), "max_tokens": 4 + i % 13, "temperature": 0})
+        assert r.status_code == 200, r.text
+        return r.json()["choices"][0]
+
+    before = httpx.get(url + "/stats").json()
+    with ThreadPoolExecutor(32) as pool:
+        answers = list(pool.map(one, range(32)))
+    after = httpx.get(url + "/stats").json()
+    assert after["sequences"] - before["sequences"] == 32
+    assert 4 <= after["max_running"] <= 8                    # batched together, at most --max-batch at once
+    for i, got in enumerate(answers):
+        assert (got["text"], got["finish_reason"]) == (expected[i].text, expected[i].finish_reason), f"client {i}"
+
+
+def test_seeded_sampling_is_reproducible(server):
+    url = server[0]
+    body = {"prompt": _prompt(2), "max_tokens": 12, "temperature": 0.9, "top_p": 0.95, "top_k": 40, "seed": 123}
+    first = _post(url, body).json()["choices"][0]["text"]
+    with ThreadPoolExecutor(4) as pool:                     # alone or batched with others: the same text
+        again = list(pool.map(lambda b: _post(url, b).json()["choices"][0]["text"],
+                              [body, {**body, "seed": 124}, body, {**body, "prompt": _prompt(9)}]))
+    assert again[0] == again[2] == first
+    assert again[1] != first
+
+
+def test_stop_sequences(server, expected):
+    url = server[0]
+    i = next(i for i in range(32) if len(expected[i].token_ids) >= 6)
+    want = expected[i].text
+    stop = want.split()[3]
+    r = _post(url, {"prompt": _prompt(i), "max_tokens": 4 + i % 13, "temperature": 0, "stop": [stop, "zz"]}).json()
+    assert r["choices"][0] == {"index": 0, "text": want[:want.index(" " + stop) + 1], "logprobs": None,
+                               "finish_reason": "stop"}
+
+
+@pytest.mark.parametrize("body,key,status,code", [
+    (b'{"prompt": "w1", "max_tokens": ', KEY, 400, "invalid_json"),
+    ({"max_tokens": 3}, KEY, 400, "missing_prompt"),
+    ({"prompt": " ".join(["w1"] * 33)}, KEY, 400, "context_length_exceeded"),
+    ({"prompt": "w1", "max_tokens": 41}, KEY, 400, None),
+    ({"prompt": "w1", "temperature": -1}, KEY, 400, None),
+    ({"prompt": "w1", "n": 2}, KEY, 400, "unsupported_parameter"),
+    ({"prompt": "w1", "model": "gpt-4"}, KEY, 404, "model_not_found"),
+    ({"prompt": "w1 " * 2000}, KEY, 413, "request_too_large"),
+    ({"prompt": "w1"}, "sk-wrong", 401, "invalid_api_key"),
+    ({"prompt": "w1"}, None, 401, "invalid_api_key"),
+])
+def test_bad_requests_get_4xx_and_the_server_keeps_serving(server, expected, body, key, status, code):
+    url = server[0]
+    r = _post(url, body, key=key)
+    assert r.status_code == status, r.text
+    err = r.json()["error"]
+    assert set(err) == {"message", "type", "param", "code"} and err["message"]
+    if code:
+        assert err["code"] == code
+    assert httpx.get(url + "/health").status_code == 200
+    ok = _post(url, {"prompt": _prompt(1), "max_tokens": 5, "temperature": 0})
+    assert ok.json()["choices"][0]["text"] == expected[1].text
+
+
+def test_sigterm_stops_every_rank(server):
+    """Last: SIGTERM to the server process (not its group) stops it and its other rank; exit code 0."""
+    url, proc, _ = server
+    os.kill(proc.pid, signal.SIGTERM)
+    assert proc.wait(30) == 0
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        try:
+            os.killpg(proc.pid, 0)                          # anyone left in the server's process group?
+        except ProcessLookupError:
+            break
+        time.sleep(0.2)
+    else:
+        pytest.fail("a rank outlived the server")
+    with pytest.raises(httpx.HTTPError):
+        httpx.get(url + "/health", timeout=2)
