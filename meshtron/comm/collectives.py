@@ -103,6 +103,36 @@ def all_reduce(tensor: torch.Tensor, group, op=dist.ReduceOp.SUM) -> torch.Tenso
     return tensor
 
 
+class PendingAllReduce:
+    """An all-reduce in flight (`all_reduce_async`); `wait()` returns the reduced tensor or raises a
+    `CollectiveError` naming the rank, the operation and the group."""
+
+    def __init__(self, tensor: torch.Tensor, group, work):
+        self.tensor, self.group, self.work = tensor, group, work
+
+    def wait(self) -> torch.Tensor:
+        if self.work is not None:
+            try:
+                self.work.wait()
+            except Exception as e:  # noqa: BLE001
+                raise _fail("all_reduce", self.group, e) from e
+            self.work = None
+        return self.tensor
+
+
+def all_reduce_async(tensor: torch.Tensor, group) -> PendingAllReduce:
+    """Start an in-place SUM all-reduce over `group` and return at once, so computation can overlap it.
+    Every rank of the group must start its asynchronous collectives in the same order as its others."""
+    if group is None:
+        return PendingAllReduce(tensor, None, None)
+    record("all_reduce", group, tensor, "sum")
+    try:
+        work = dist.all_reduce(tensor, group=group, async_op=True)
+    except Exception as e:  # noqa: BLE001
+        raise _fail("all_reduce", group, e) from e
+    return PendingAllReduce(tensor, group, work)
+
+
 def all_gather_into(tensor: torch.Tensor, group, world: int) -> torch.Tensor:
     """Gather every rank's `tensor` and concatenate along dim 0 (shape [world * n, ...])."""
     if group is None:

@@ -2,7 +2,8 @@
 
 Invariant: rank r of the heads axis holds query heads [r*H/t, (r+1)*H/t) and key/value heads
 [r*K/t, (r+1)*K/t), which are exactly the kv heads its query heads read under grouped-query attention, so
-attention is local. One `f` on entry (shared by Q, K and V) and one `g` on exit: two all-reduces per call.
+attention is local. Q, K and V are one GEMM behind one `f` on entry, and one `g` on exit: two all-reduces
+per call.
 Decoding passes a per-layer `cache` (meshtron.inference.kv_cache.LayerCache): it holds this rank's local kv
 heads only, appends the new keys and values, and supplies positions and the padding mask; no extra collective.
 """
@@ -14,9 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from meshtron.comm.ops import copy_to_parallel
 from meshtron.mesh import MeshAxis
-from meshtron.parallel.linear import ColumnParallelLinear, RowParallelLinear
+from meshtron.parallel.linear import ColumnParallelLinear, RowParallelLinear, column_parallel_group
 from meshtron.parallel.random import DropoutRNG, dropout
 from meshtron.parallel.rotary import Rotary
 
@@ -32,23 +32,24 @@ class ParallelAttention(nn.Module):
         self.axis, self.head_dim = axis, d_model // n_head
         self.n_local, self.n_kv_local = n_head // axis.size, n_kv_head // axis.size
         kv_dim = n_kv_head * self.head_dim
-        self.q_proj = ColumnParallelLinear(d_model, d_model, axis, bias=bias, std=std, copy_input=False)
-        self.k_proj = ColumnParallelLinear(d_model, kv_dim, axis, bias=bias, std=std, copy_input=False)
-        self.v_proj = ColumnParallelLinear(d_model, kv_dim, axis, bias=bias, std=std, copy_input=False)
+        self.q_proj = ColumnParallelLinear(d_model, d_model, axis, bias=bias, std=std)
+        self.k_proj = ColumnParallelLinear(d_model, kv_dim, axis, bias=bias, std=std)
+        self.v_proj = ColumnParallelLinear(d_model, kv_dim, axis, bias=bias, std=std)
         self.o_proj = RowParallelLinear(d_model, d_model, axis, bias=bias, std=out_std)
         self.dropout_p, self.rng = dropout_p, rng
         self.rotary = [rotary]  # shared module, kept out of this module's children
 
     def forward(self, x: torch.Tensor, cache=None) -> torch.Tensor:
         B, T, _ = x.shape
-        x = copy_to_parallel(x, self.axis)                                        # f
-        q = self.q_proj(x).view(B, T, self.n_local, self.head_dim).transpose(1, 2)     # (B, h, T, hd)
-        k = self.k_proj(x).view(B, T, self.n_kv_local, self.head_dim).transpose(1, 2)  # (B, kv, T, hd)
-        v = self.v_proj(x).view(B, T, self.n_kv_local, self.head_dim).transpose(1, 2)
+        q, k, v = column_parallel_group(x, (self.q_proj, self.k_proj, self.v_proj))  # f, one GEMM
+        q = q.view(B, T, self.n_local, self.head_dim).transpose(1, 2)                # (B, h, T, hd)
+        k = k.view(B, T, self.n_kv_local, self.head_dim).transpose(1, 2)             # (B, kv, T, hd)
+        v = v.view(B, T, self.n_kv_local, self.head_dim).transpose(1, 2)
         if cache is not None:
             return self._decode(q, k, v, cache)
         if self.rotary[0] is not None:
             q, k = self.rotary[0](q, k)
+            v = v.contiguous()    # q and k are new tensors now: v alone keeps the Q|K|V output for backward
         y = self._attend(q, k, v)                                                 # (B, h, T, hd)
         y = y.transpose(1, 2).reshape(B, T, self.n_local * self.head_dim)
         return self.o_proj(y)                                                     # g

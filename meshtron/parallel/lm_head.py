@@ -10,11 +10,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from meshtron.comm.ops import copy_to_parallel, gather_from_parallel
+from meshtron.comm.ops import gather_from_parallel
 from meshtron.layout import pad_to_multiple
 from meshtron.mesh import MeshAxis
 from meshtron.parallel.cross_entropy import IGNORE_INDEX, vocab_parallel_cross_entropy
 from meshtron.parallel.embedding import VocabParallelEmbedding
+from meshtron.parallel.linear import copy_then_linear
 from meshtron.parallel.sharding import make_param, split_spec
 
 
@@ -36,11 +37,10 @@ class VocabParallelHead(nn.Module):
 
     def local_logits(self, h: torch.Tensor) -> torch.Tensor:
         """(B, T, d) -> (B, T, V_local): this rank's real vocabulary columns."""
-        h = copy_to_parallel(h, self.axis)                        # f
         w = self._weight()
         if self.n_valid != w.shape[0]:
             w = w[: self.n_valid]                                 # cut the padded rows
-        return F.linear(h, w)
+        return copy_then_linear(h, (w,), (), self.axis)          # f, overlapped with dW in backward
 
     def full_logits(self, h: torch.Tensor) -> torch.Tensor:
         """All vocabulary columns on every rank (for generation; training never gathers)."""

@@ -2,7 +2,7 @@
 row-parallel down-projection.
 
 Invariant: one `f` on entry and one `g` on exit, whatever the activation: GELU (GPT-2, one up-projection)
-or SwiGLU (Llama, gate and up projections sharing the `f`).
+or SwiGLU (Llama, gate and up projections as one GEMM behind the `f`).
 """
 from __future__ import annotations
 
@@ -10,9 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from meshtron.comm.ops import copy_to_parallel
 from meshtron.mesh import MeshAxis
-from meshtron.parallel.linear import ColumnParallelLinear, RowParallelLinear
+from meshtron.parallel.linear import ColumnParallelLinear, RowParallelLinear, column_parallel_group
 
 
 class ParallelMLP(nn.Module):
@@ -25,14 +24,14 @@ class ParallelMLP(nn.Module):
             raise ValueError(f"unknown MLP activation {activation!r}; use 'gelu' or 'swiglu'")
         self.axis, self.activation = axis, activation
         if activation == "swiglu":
-            self.gate_proj = ColumnParallelLinear(d_model, d_ff, axis, bias=bias, std=std, copy_input=False)
-        self.up_proj = ColumnParallelLinear(d_model, d_ff, axis, bias=bias, std=std, copy_input=False)
+            self.gate_proj = ColumnParallelLinear(d_model, d_ff, axis, bias=bias, std=std)
+        self.up_proj = ColumnParallelLinear(d_model, d_ff, axis, bias=bias, std=std)
         self.down_proj = RowParallelLinear(d_ff, d_model, axis, bias=bias, std=out_std)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = copy_to_parallel(x, self.axis)                                   # f
         if self.activation == "swiglu":
-            h = F.silu(self.gate_proj(x)) * self.up_proj(x)                  # (B, T, d_ff / t)
+            gate, up = column_parallel_group(x, (self.gate_proj, self.up_proj))  # f, one GEMM
+            h = F.silu(gate) * up                                            # (B, T, d_ff / t)
         else:
-            h = F.gelu(self.up_proj(x), approximate="tanh")                  # GPT-2's gelu_new
+            h = F.gelu(self.up_proj(x), approximate="tanh")                  # f; GPT-2's gelu_new
         return self.down_proj(h)                                             # g
