@@ -23,6 +23,10 @@ up ColwiseParallel / down RowwiseParallel, tied head ColwiseParallel with vocab-
 On this 2-core machine `manual` gave the peer its fastest steps (overlap and replicate were 3-17% slower on
 `batch:2,model:2`), so it is the default: the peer gets its best data parallelism.
 
+Two meshtron columns: its default transport (all-reduces through shared memory between the ranks of one host,
+meshtron/comm/shm.py) and the same TrainStep with every all-reduce over gloo, as the peer's: the second
+isolates the layers' and the step's own speed from the transport.
+
 Parallel efficiency: meshtron on one rank with all cores' threads vs `model:2` with one thread per rank, at
 hidden 1024, timed in alternating blocks inside one process group (rank 1 idles in a barrier while rank 0
 runs the one-rank model). Other processes on the machine distort timings, the multi-threaded one-rank time
@@ -62,6 +66,18 @@ DP_TEXT = {
     "overlap": "per-block buckets all-reduced asynchronously from post-accumulate-grad hooks (DDP by hand)",
     "replicate": "composable `replicate` (FSDP2-based DDP) on the batch sub-mesh, per block + root",
 }
+
+
+def _transport_switch(mesh):
+    """use(shm: bool): route meshtron's all-reduces through shared memory (its default on one host) or gloo
+    (the transport the DTensor peer uses). Returns whether shared memory is available at all."""
+    from meshtron.comm import collectives as C
+    saved = {a.name: (a.group, C.shm_transport(a.group)) for a in mesh.axes.values() if a.group is not None}
+
+    def use(shm: bool) -> None:
+        for group, transport in saved.values():
+            C.register_shm(group, transport if shm else None)
+    return use, all(t is not None for _, t in saved.values())
 
 
 def _fused(train_step) -> bool:
@@ -116,19 +132,26 @@ def compare_worker(spec: str, cfg_kw: dict, batch: int, seq: int, warmup: int, r
         a, b = mstep.step(local(k)), pstep.step(local(k))
         losses.append((a["loss"], b["loss"], a["grad_norm"], b["grad_norm"]))
 
+    use_shm, has_shm = _transport_switch(mesh)
+
     def run_m(i):
         mstep.step(local(warmup + i % 4))
+
+    def run_g(i):
+        use_shm(False)
+        mstep.step(local(warmup + i % 4))
+        use_shm(True)
 
     def run_p(i):
         pstep.step(local(warmup + i % 4))
 
-    tm, tpp = [], []
+    times = {"meshtron": [], "meshtron_gloo": [], "dtensor": []}
+    runs = [("meshtron", run_m), ("meshtron_gloo", run_g), ("dtensor", run_p)]
     with Usage() as usage:
-        for r in range(repeats):   # alternate, and alternate which goes first
-            order = [(run_m, tm), (run_p, tpp)] if r % 2 == 0 else [(run_p, tpp), (run_m, tm)]
-            for fn, out in order:
-                out.append(timed_block(fn, steps))
-    return {"meshtron": tm, "dtensor": tpp, "losses": losses, "ref_loss": ref_loss, "fused": _fused(mstep),
+        for r in range(repeats):   # alternate, and rotate which goes first
+            for name, fn in runs[r % 3:] + runs[:r % 3]:
+                times[name].append(timed_block(fn, steps))
+    return {**times, "losses": losses, "ref_loss": ref_loss, "fused": _fused(mstep), "shm": has_shm,
             "usage": usage.result()}
 
 
@@ -157,6 +180,7 @@ def efficiency_worker(cfg_kw: dict, batch: int, seq: int, warmup: int, repeats: 
     parallelize_peer(peer, tp)
     mstep = TrainStep(model, mesh, lr=LR)
     steps_tp = {"meshtron": mstep, "dtensor": PeerStep(peer, tp, None, lr=LR, dp_mode=dp_mode, fused=_fused(mstep))}
+    use_shm, _ = _transport_switch(mesh)
     rank = dist.get_rank()
     steps_solo = {}
     if rank == 0:
@@ -173,6 +197,11 @@ def efficiency_worker(cfg_kw: dict, batch: int, seq: int, warmup: int, repeats: 
     def block(name, n):
         if name in steps_tp:
             return timed_block(lambda i: steps_tp[name].step(batches[i % 4]), n)
+        if name == "meshtron_gloo":
+            use_shm(False)
+            t = timed_block(lambda i: mstep.step(batches[i % 4]), n)
+            use_shm(True)
+            return t
         dist.barrier()
         t = 0.0
         if rank == 0:
@@ -182,13 +211,13 @@ def efficiency_worker(cfg_kw: dict, batch: int, seq: int, warmup: int, repeats: 
         dist.barrier()
         return t
 
-    names = ["meshtron", "dtensor", "meshtron_1", "plain_1"]
+    names = ["meshtron", "meshtron_gloo", "dtensor", "meshtron_1", "plain_1"]
     for name in names:
         block(name, warmup)
     times = {n: [] for n in names}
     with Usage() as usage:
         for r in range(repeats):
-            for name in names[r % 4:] + names[:r % 4]:      # rotate which goes first
+            for name in names[r % 5:] + names[:r % 5]:      # rotate which goes first
                 times[name].append(block(name, steps))
     return {**times, "fused": _fused(mstep), "usage": usage.result()}
 
@@ -231,7 +260,7 @@ def main() -> None:
     eff_cfg = gpt_cfg(1024, 4, 16, eff_seq)
     t_start = time.time()
 
-    rows, checks, fused_seen = [], [], False
+    rows, checks, fused_seen, shm_seen = [], [], False, False
     for name, cfg, B, seq, meshes, warmup, repeats, steps in (runs if args.part != "efficiency" else []):
         for spec in meshes:
             world = world_of(spec)
@@ -240,8 +269,11 @@ def main() -> None:
             res = run_ranks(compare_worker, world, spec, cfg, B, seq, warmup, repeats, steps, args.peer_dp,
                             True, threads_per_rank=threads, timeout_s=1200)
             tm = median([max(r["meshtron"][i] for r in res) for i in range(repeats)])
+            tg = median([max(r["meshtron_gloo"][i] for r in res) for i in range(repeats)])
             tp = median([max(r["dtensor"][i] for r in res) for i in range(repeats)])
-            rows.append((name, B, spec, threads, tm * 1e3, tp * 1e3, tm / tp, others_cores([r["usage"] for r in res])))
+            rows.append((name, B, spec, threads, tm * 1e3, tg * 1e3, tp * 1e3, tm / tp, tg / tp,
+                         others_cores([r["usage"] for r in res])))
+            shm_seen = res[0]["shm"]
             r0 = res[0]
             fused_seen = r0["fused"]
             dloss = max(abs(a - b) for a, b, _, _ in r0["losses"])
@@ -251,8 +283,9 @@ def main() -> None:
                           f"over {len(r0['losses'])} steps max |loss diff| {dloss:.1e}, "
                           f"max grad-norm rel. diff {dnorm:.1e}; losses "
                           + " -> ".join(f"{a:.4f}" for a, *_ in r0["losses"]))
-            print(f"  {name:18s} {spec:16s} meshtron {tm * 1e3:8.1f} ms  DTensor {tp * 1e3:8.1f} ms  "
-                  f"ratio {tm / tp:.3f}   ({time.time() - t_start:.0f} s)", flush=True)
+            print(f"  {name:18s} {spec:16s} meshtron {tm * 1e3:8.1f} ms  (over gloo {tg * 1e3:8.1f} ms)  "
+                  f"DTensor {tp * 1e3:8.1f} ms  ratio {tm / tp:.3f} (over gloo {tg / tp:.3f})   "
+                  f"({time.time() - t_start:.0f} s)", flush=True)
 
     # parallel efficiency: 1 rank x CORES threads vs model:2 x 1 thread, alternating in one process group
     eff_name, eff_line = f"GPT h1024 L4 s{eff_seq}", []
@@ -263,16 +296,20 @@ def main() -> None:
                         threads_per_rank=max(1, CORES // 2), timeout_s=1200)
         fused_seen = res[0]["fused"]
         tp_m = [max(r["meshtron"][i] for r in res) for i in range(e_rep)]
+        tp_g = [max(r["meshtron_gloo"][i] for r in res) for i in range(e_rep)]
+        t2g = median(tp_g)
         tp_d = [max(r["dtensor"][i] for r in res) for i in range(e_rep)]
         t1m, t1p, t2m, t2d = (median(x) for x in (res[0]["meshtron_1"], res[0]["plain_1"], tp_m, tp_d))
         print(f"  efficiency done ({time.time() - t_start:.0f} s)", flush=True)
-        rows.append((eff_name, eff_batch, "model:2", max(1, CORES // 2), t2m * 1e3, t2d * 1e3, t2m / t2d,
+        rows.append((eff_name, eff_batch, "model:2", max(1, CORES // 2), t2m * 1e3, t2g * 1e3, t2d * 1e3,
+                     t2m / t2d, t2g / t2d,
                      others_cores([r["usage"] for r in res])))
         eff_line = [
             "",
             f"Parallel efficiency ({eff_name}, batch {eff_batch}): meshtron on 1 rank x {CORES} threads "
             f"{t1m * 1e3:.0f} ms, on `model:2` x 1 thread {t2m * 1e3:.0f} ms: **efficiency {t1m / t2m:.2f}** "
-            f"(t_1rank / t_model:2; goal >= 0.85). For reference: plain torch.nn on 1 rank x {CORES} threads "
+            f"(t_1rank / t_model:2; goal >= 0.85); with its all-reduces over gloo {t2g * 1e3:.0f} ms: "
+            f"efficiency {t1m / t2g:.2f}. For reference: plain torch.nn on 1 rank x {CORES} threads "
             f"{t1p * 1e3:.0f} ms (meshtron / plain on one rank {t1m / t1p:.2f}); DTensor on `model:2` "
             f"{t2d * 1e3:.0f} ms (efficiency against plain {t1p / t2d:.2f}). Measured in one process group, "
             f"alternating blocks (rank 1 idles in a barrier during the 1-rank blocks).",
@@ -282,21 +319,26 @@ def main() -> None:
     busy = max(others, default=0.0) > 0.25
 
     lines = [
-        "| config | mesh | threads/rank | meshtron ms/step | DTensor ms/step | ratio (meshtron/DTensor) |",
-        "|---|---|---|---|---|---|",
+        "| config | mesh | threads/rank | meshtron ms/step | meshtron over gloo ms/step | DTensor ms/step "
+        "| ratio (meshtron/DTensor) | ratio over gloo |",
+        "|---|---|---|---|---|---|---|---|",
     ]
-    for name, B, spec, th, a, b, r, _ in rows:
-        lines.append(f"| {name}, batch {B} | `{spec}` | {th} | {a:.1f} | {b:.1f} | {r:.2f} |")
+    for name, B, spec, th, a, g, b, r, rg, _ in rows:
+        lines.append(f"| {name}, batch {B} | `{spec}` | {th} | {a:.1f} | {g:.1f} | {b:.1f} | {r:.2f} | {rg:.2f} |")
     goals = []
     if rows:
-        worst = max(r[6] for r in rows)
-        goals.append(f"faster than DTensor on every row: {'yes' if worst < 1 else 'NO'} (worst ratio {worst:.2f})")
-    small_r = [r[6] for r in rows if r[0] == runs[0][0]]
+        worst, worst_g = max(r[7] for r in rows), max(r[8] for r in rows)
+        goals.append(f"faster than DTensor on every row: {'yes' if worst < 1 else 'NO'} (worst ratio {worst:.2f}; "
+                     f"over gloo {'yes' if worst_g < 1 else 'NO'}, {worst_g:.2f})")
+    small_r = [r[7] for r in rows if r[0] == runs[0][0]]
+    small_g = [r[8] for r in rows if r[0] == runs[0][0]]
     if small_r:
         goals.append(f"small GPT <= 0.85x on both meshes: {'yes' if max(small_r) <= 0.85 else 'NO'} "
-                     f"({', '.join(f'{x:.2f}' for x in small_r)})")
+                     f"({', '.join(f'{x:.2f}' for x in small_r)}; over gloo "
+                     f"{'yes' if max(small_g) <= 0.85 else 'NO'}, {', '.join(f'{x:.2f}' for x in small_g)})")
     if eff_line:
-        goals.append(f"efficiency >= 0.85: {'yes' if t1m / t2m >= 0.85 else 'NO'} ({t1m / t2m:.2f})")
+        goals.append(f"efficiency >= 0.85: {'yes' if t1m / t2m >= 0.85 else 'NO'} ({t1m / t2m:.2f}; over gloo "
+                     f"{t1m / t2g:.2f})")
     lines += [
         "",
         "Goals: " + "; ".join(goals) + ".",
@@ -314,6 +356,12 @@ def main() -> None:
         f"({'fused' if fused_seen else 'foreach'}), same global-norm clipping (one all-reduce over the model axis); "
         f"torch {torch.__version__}, {CORES} cores; cores kept busy by other processes during each row's "
         f"timing: {', '.join(f'{x:.2f}' for x in others)}; the run took {elapsed:.0f} s.",
+        "",
+        "Transports: `meshtron` all-reduces its layers' activations and gradients through shared memory between "
+        "the ranks of one host (meshtron.comm.shm, its default on CPU"
+        + ("" if shm_seen or args.part == "efficiency" else "; NOT available in this run, so both columns used gloo")
+        + "); `meshtron over gloo` is the same TrainStep with every all-reduce over gloo, the transport the DTensor "
+        "peer uses. Gradient buckets of the batch axis go over gloo in all three.",
     ]
     if busy:
         noisy = [f"{r[0]} on `{r[2]}` ({r[-1]:.1f} cores)" for r in rows if r[-1] > 0.25]

@@ -142,10 +142,14 @@ class Mesh:
             ranks = tuple(grid[tuple(index)].tolist())
             group = mesh.device_mesh.get_group(name) if shape[name] > 1 else None
             mesh.axes[name] = MeshAxis(name, shape[name], here[i], group, ranks)
-        from meshtron.comm.collectives import register_group
+        from meshtron.comm import shm
+        from meshtron.comm.collectives import register_group, register_shm
         for a in mesh.axes.values():
             if a.group is not None:
                 register_group(a.group, a.name, a.ranks)
+                if mesh.device.type == "cpu":   # ranks of a group on one host all-reduce in shared memory
+                    register_shm(a.group, shm.setup(a.group, a.ranks, timeout.total_seconds())
+                                 if shm.enabled() else None)
         return mesh
 
     def __repr__(self) -> str:

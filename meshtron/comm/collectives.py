@@ -12,8 +12,11 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from meshtron.comm import shm
+
 _all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 _GROUP_NAMES: dict[int, tuple[str, tuple[int, ...]]] = {}
+_SHM: dict[int, "shm.ShmAllReduce"] = {}
 _COUNTERS: list["CommCounter"] = []
 _LOCK = threading.Lock()
 
@@ -21,6 +24,29 @@ _LOCK = threading.Lock()
 def register_group(group, name: str, ranks: tuple[int, ...]) -> None:
     """Remember a group's axis name and ranks, for counters and error messages."""
     _GROUP_NAMES[id(group)] = (name, tuple(ranks))
+
+
+def register_shm(group, transport: "shm.ShmAllReduce | None") -> None:
+    """All-reduces over `group` go through `transport` (shared memory on one host) instead of the backend."""
+    if transport is None:
+        _SHM.pop(id(group), None)
+    else:
+        _SHM[id(group)] = transport
+
+
+def shm_transport(group) -> "shm.ShmAllReduce | None":
+    """The shared-memory transport registered for `group`, if any."""
+    t = _SHM.get(id(group))
+    return t if t is not None and t.group is group else None
+
+
+def _shm_for(group, tensor: torch.Tensor, op: str):
+    """The shared-memory transport for this call, or None (gloo/NCCL). Decided identically on every rank."""
+    t = shm_transport(group)
+    if (t is None or op not in shm._REDUCE or tensor.device.type != "cpu"
+            or not tensor.is_contiguous() or tensor.dtype in (torch.bool, torch.complex64, torch.complex128)):
+        return None
+    return t
 
 
 def group_name(group) -> str:
@@ -95,9 +121,14 @@ def all_reduce(tensor: torch.Tensor, group, op=dist.ReduceOp.SUM) -> torch.Tenso
     """In-place all-reduce over `group` (no-op when group is None)."""
     if group is None:
         return tensor
-    record("all_reduce", group, tensor, str(op).split(".")[-1].lower())
+    opname = str(op).split(".")[-1].lower()
+    record("all_reduce", group, tensor, opname)
+    transport = _shm_for(group, tensor, opname)
     try:
-        dist.all_reduce(tensor, op=op, group=group)
+        if transport is not None:
+            transport.all_reduce(tensor, opname)
+        else:
+            dist.all_reduce(tensor, op=op, group=group)
     except Exception as e:  # noqa: BLE001 - re-raised with the rank, op and group named
         raise _fail("all_reduce", group, e) from e
     return tensor
@@ -107,7 +138,7 @@ class PendingAllReduce:
     """An all-reduce in flight (`all_reduce_async`); `wait()` returns the reduced tensor or raises a
     `CollectiveError` naming the rank, the operation and the group."""
 
-    def __init__(self, tensor: torch.Tensor, group, work):
+    def __init__(self, tensor: torch.Tensor, group, work):   # work: a dist Work or a shm.PendingShm
         self.tensor, self.group, self.work = tensor, group, work
 
     def wait(self) -> torch.Tensor:
@@ -126,8 +157,10 @@ def all_reduce_async(tensor: torch.Tensor, group) -> PendingAllReduce:
     if group is None:
         return PendingAllReduce(tensor, None, None)
     record("all_reduce", group, tensor, "sum")
+    transport = _shm_for(group, tensor, "sum")
     try:
-        work = dist.all_reduce(tensor, group=group, async_op=True)
+        work = transport.start(tensor) if transport is not None else dist.all_reduce(tensor, group=group,
+                                                                                     async_op=True)
     except Exception as e:  # noqa: BLE001
         raise _fail("all_reduce", group, e) from e
     return PendingAllReduce(tensor, group, work)

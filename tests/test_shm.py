@@ -1,0 +1,94 @@
+"""The shared-memory all-reduce (meshtron.comm.shm) against gloo: same results, bitwise equal on every rank,
+in the order collectives are issued, and no files left behind."""
+import glob
+import os
+
+import pytest
+import torch
+
+from meshtron.launch import RankError, run_ranks
+from meshtron.mesh import Mesh
+
+
+def _reductions(use_shm: bool):
+    os.environ["MESHTRON_SHM"] = "1" if use_shm else "0"
+    import torch.distributed as dist
+    from meshtron.comm import collectives as C
+    from meshtron.comm import shm
+    mesh = Mesh.from_spec("batch:2,model:2")
+    out = {"transport": {n: C._SHM.get(id(a.group)) is not None for n, a in mesh.axes.items()}}
+    g = torch.Generator().manual_seed(mesh.rank)
+    for name, axis in mesh.axes.items():
+        big = torch.randn(shm.SLOT_BYTES // 4 * 2 + 77, generator=g)     # three chunks
+        small = torch.randn(5, 3, generator=g)
+        ints = torch.arange(6, dtype=torch.int64) * (mesh.rank + 1)
+        mx = torch.randn(9, generator=g)
+        half = torch.randn(33, generator=g).to(torch.bfloat16)
+        inputs = {"big": big.clone(), "small": small.clone(), "ints": ints.clone(), "max": mx.clone(),
+                  "bf16": half.clone()}
+        C.all_reduce(big, axis.group)
+        pending = C.all_reduce_async(small, axis.group)      # in flight while another all-reduce starts
+        C.all_reduce(ints, axis.group)
+        pending.wait()
+        C.all_reduce(mx, axis.group, op=dist.ReduceOp.MAX)
+        C.all_reduce(half, axis.group)
+        out[name] = {"in": inputs, "out": {"big": big, "small": small, "ints": ints, "max": mx, "bf16": half}}
+    out["ranks"] = {n: a.ranks for n, a in mesh.axes.items()}
+    return out
+
+
+@pytest.mark.parametrize("use_shm", [True, False])
+def test_all_reduce_matches_on_both_transports(use_shm):
+    before = set(glob.glob("/dev/shm/meshtron-*"))
+    res = run_ranks(_reductions, 4, use_shm)
+    assert set(glob.glob("/dev/shm/meshtron-*")) == before          # segments are unlinked once mapped
+    from meshtron.comm import shm
+    for r in res:
+        assert all(v == (use_shm and shm.enabled()) for v in r["transport"].values())
+    for name in ("batch", "model"):
+        for rank, r in enumerate(res):
+            members = [res[m][name]["in"] for m in r["ranks"][name]]
+            got = r[name]["out"]
+            for key in ("big", "small", "bf16"):
+                want = sum(m[key].double() for m in members)
+                torch.testing.assert_close(got[key].double(), want, rtol=1e-2 if key == "bf16" else 1e-6,
+                                           atol=1e-2 if key == "bf16" else 1e-6)
+            assert torch.equal(got["ints"], sum(m["ints"] for m in members))
+            assert torch.equal(got["max"], torch.stack([m["max"] for m in members]).amax(0))
+            peer = res[r["ranks"][name][0]][name]["out"]
+            assert all(torch.equal(got[k], peer[k]) for k in got)    # bitwise the same on every rank
+
+
+def _stuck_peer(use_shm):
+    import time
+    os.environ["MESHTRON_SHM"] = "1" if use_shm else "0"
+    from meshtron.comm import collectives as C
+    mesh = Mesh.from_spec("model:2", timeout_s=3)
+    if mesh.rank == 1:
+        time.sleep(8)                      # never joins the collective
+        return "slept"
+    C.all_reduce(torch.ones(4), mesh.axis("model").group)
+
+
+@pytest.mark.parametrize("use_shm", [True, False])
+def test_a_missing_peer_times_out_with_a_named_error(use_shm):
+    with pytest.raises(RankError, match=r"rank 0: all_reduce over group model\[0, 1\] failed"):
+        run_ranks(_stuck_peer, 2, use_shm, timeout_s=60)
+
+
+def _train_losses(use_shm):
+    os.environ["MESHTRON_SHM"] = "1" if use_shm else "0"
+    from meshtron.models import ModelConfig, build_model
+    from meshtron.train.step import TrainStep, local_rows
+    mesh = Mesh.from_spec("batch:2,model:2")
+    cfg = ModelConfig("gpt", vocab_size=61, n_layer=2, n_head=4, d_model=32, max_seq_len=16)
+    step = TrainStep(build_model(cfg, mesh, seed=4), mesh, lr=1e-2)
+    data = torch.randint(0, 61, (4, 17), generator=torch.Generator().manual_seed(2))
+    return [step.step(local_rows(data, step.batch_axis))["loss"] for _ in range(3)]
+
+
+def test_training_is_the_same_over_shared_memory_and_gloo():
+    shm_losses = run_ranks(_train_losses, 4, True)
+    gloo_losses = run_ranks(_train_losses, 4, False)
+    for a, b in zip(shm_losses, gloo_losses):
+        assert a == pytest.approx(b, rel=1e-6, abs=0)
