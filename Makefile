@@ -5,6 +5,7 @@ VENV ?= .venv
 PIP = $(VENV)/bin/python -m pip
 BASE = $(VENV)/.meshtron-base
 TEST = $(VENV)/.meshtron-test
+BENCH = $(VENV)/.meshtron-bench
 
 .PHONY: demo test bench clean
 
@@ -25,8 +26,14 @@ demo: $(BASE)
 test: $(TEST)
 	$(VENV)/bin/python -m pytest -q
 
-bench: $(TEST)
-	$(VENV)/bin/python bench/run.py
+$(BENCH): $(TEST)
+	$(PIP) install -q -c constraints.txt -e '.[test,bench]'
+	touch $@
+
+bench: $(BENCH)
+	$(VENV)/bin/python bench/bench_tp.py
+	$(VENV)/bin/python bench/bench_generate.py
+	$(VENV)/bin/python bench/bench_planner.py
 
 clean:
 	rm -rf $(VENV) runs
