@@ -31,6 +31,7 @@ $(BENCH): $(TEST)
 	touch $@
 
 bench: $(BENCH)
+	$(VENV)/bin/python bench/bench_comm.py
 	$(VENV)/bin/python bench/bench_tp.py
 	$(VENV)/bin/python bench/bench_generate.py
 	$(VENV)/bin/python bench/bench_planner.py
