@@ -51,30 +51,35 @@ def _prompt(i: int) -> str:
     return " ".join(f"w{(7 * i + 3 * j) % 90}" for j in range(1 + i % 9))
 
 
+def _start(path: str, mesh: str, *extra: str):
+    """A `meshtron serve` process on `mesh` and a free port, once /health answers: (url, process, log)."""
+    port = free_port()
+    log = open(os.path.join(path, f"server-{mesh.replace(':', '').replace(',', '-')}.log"), "w+")
+    proc = subprocess.Popen([sys.executable, "-c", SERVE, path, "--mesh", mesh, "--port", str(port), *extra],
+                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 90
+    while True:
+        try:
+            if httpx.get(url + "/health", timeout=2).status_code == 200:
+                return url, proc, log
+        except httpx.HTTPError:
+            pass
+        if proc.poll() is not None or time.monotonic() > deadline:
+            _kill_group(proc)
+            log.seek(0)
+            pytest.fail(f"the server on {mesh} did not start (exit code {proc.poll()}):\n{log.read()}")
+        time.sleep(0.2)
+
+
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     """(base url, process, model folder); the server's process group is killed at the end."""
     path = str(tmp_path_factory.mktemp("served"))
     _model_folder(path)
-    port = free_port()
-    log = open(os.path.join(path, "server.log"), "w+")
-    proc = subprocess.Popen([sys.executable, "-c", SERVE, path, "--mesh", "model:2", "--port", str(port),
-                             "--api-key", KEY, "--max-prompt-tokens", "32", "--max-tokens-limit", "40",
-                             "--max-body-bytes", "4096", "--max-batch", "8", "--served-model-name", "tiny"],
-                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
+    url, proc, log = _start(path, "model:2", "--api-key", KEY, "--max-prompt-tokens", "32", "--max-tokens-limit",
+                            "40", "--max-body-bytes", "4096", "--max-batch", "8", "--served-model-name", "tiny")
     try:
-        deadline = time.monotonic() + 90
-        while True:
-            try:
-                if httpx.get(url + "/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if proc.poll() is not None or time.monotonic() > deadline:
-                log.seek(0)
-                pytest.fail(f"the server did not start (exit code {proc.poll()}):\n{log.read()}")
-            time.sleep(0.2)
         yield url, proc, path
     finally:
         _kill_group(proc)
@@ -237,3 +242,29 @@ def test_sigterm_stops_every_rank(server):
         pytest.fail("a rank outlived the server")
     with pytest.raises(httpx.HTTPError):
         httpx.get(url + "/health", timeout=2)
+
+
+def test_replicas_on_a_batch_axis_serve_the_same_answers(server, expected):
+    """batch:2: two replicas each decode their own share of the requests (one all-gather of new tokens per
+    step keeps them in lockstep); every answer, streamed or not, equals the one-rank greedy completion."""
+    url, proc, log = _start(server[2], "batch:2", "--max-batch", "4")
+    try:
+        def one(i):
+            body = {"prompt": _prompt(i), "max_tokens": 4 + i % 13, "temperature": 0}
+            if i % 4 == 0:                                   # a quarter of them streamed
+                with httpx.stream("POST", url + "/v1/completions", json=body | {"stream": True}, timeout=60) as r:
+                    chunks = [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: {")]
+                return "".join(c["choices"][0]["text"] for c in chunks), chunks[-1]["choices"][0]["finish_reason"]
+            r = httpx.post(url + "/v1/completions", json=body, timeout=60)
+            assert r.status_code == 200, r.text
+            return r.json()["choices"][0]["text"], r.json()["choices"][0]["finish_reason"]
+
+        with ThreadPoolExecutor(16) as pool:
+            answers = list(pool.map(one, range(32)))
+        stats = httpx.get(url + "/stats").json()
+        assert stats["sequences"] == 32 and stats["max_running"] > 4      # more than one replica's batch at once
+        for i, got in enumerate(answers):
+            assert got == (expected[i].text, expected[i].finish_reason), f"client {i}"
+    finally:
+        _kill_group(proc)
+        log.close()
