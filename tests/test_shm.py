@@ -92,3 +92,19 @@ def test_training_is_the_same_over_shared_memory_and_gloo():
     gloo_losses = run_ranks(_train_losses, 4, False)
     for a, b in zip(shm_losses, gloo_losses):
         assert a == pytest.approx(b, rel=1e-6, abs=0)
+
+
+def _peer_exits():
+    from meshtron.comm import collectives as C
+    mesh = Mesh.from_spec("model:2", timeout_s=120)
+    if mesh.rank == 1:
+        os._exit(0)                        # dies without a word; gloo's socket would close, shm must notice
+    C.all_reduce(torch.ones(4), mesh.axis("model").group)
+
+
+def test_a_peer_that_exits_is_noticed_long_before_the_timeout():
+    import time
+    t0 = time.monotonic()
+    with pytest.raises(RankError, match=r"all_reduce over group model\[0, 1\] failed.*rank\(s\) \[1\] has exited"):
+        run_ranks(_peer_exits, 2, timeout_s=60)
+    assert time.monotonic() - t0 < 30

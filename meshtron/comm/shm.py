@@ -12,7 +12,8 @@ Invariants:
   every peer publish call k-1, which a peer does only after it has finished reading call k-2 (the last
   use of that slot).
 - Tensors larger than a slot go through in slot-sized chunks.
-- A wait longer than the group's timeout raises CollectiveError naming the rank, the operation and the group.
+- A wait longer than the group's timeout, or a peer whose process has exited, raises CollectiveError naming
+  the rank, the operation and the group.
 - Setup is collective and falls back to gloo on every rank of the group if any rank cannot map the segment.
 
 Why this is safe: loads and stores are ordered as on x86 (TSO), where a peer that sees the sequence number
@@ -29,7 +30,8 @@ import torch
 import torch.distributed as dist
 
 SLOT_BYTES = int(os.environ.get("MESHTRON_SHM_SLOT_MB", "4")) * 2 ** 20
-_FLAG_STRIDE = 8            # int64s per rank's flag: one 64-byte cache line each
+_FLAG_STRIDE = 8            # int64s per rank's header line (64 bytes): [0] its sequence flag, [1] its pid
+_LIVENESS_S = 0.5           # while waiting, how often to check that the late peers' processes still exist
 _REDUCE = {"sum": torch.add, "max": torch.maximum, "min": torch.minimum}
 
 
@@ -40,13 +42,17 @@ def enabled() -> bool:
 class ShmAllReduce:
     """The shared segment of one group; build it with `setup` (collective over the group)."""
 
-    def __init__(self, group, rank: int, world: int, segment: torch.Tensor, timeout_s: float, name: str):
-        self.group, self.rank, self.world, self.timeout_s, self.name = group, rank, world, timeout_s, name
+    def __init__(self, group, ranks: tuple[int, ...], segment: torch.Tensor, timeout_s: float, name: str):
+        self.group, self.ranks, self.timeout_s, self.name = group, tuple(ranks), timeout_s, name
+        self.rank, self.world = dist.get_rank(group), len(ranks)
+        world = self.world
         header = world * _FLAG_STRIDE * 8
         self.flags = segment[:header].view(torch.int64)
         self.peer_flags = self.flags.view(world, _FLAG_STRIDE)[:, 0]
+        self.peer_pids = [int(p) for p in self.flags.view(world, _FLAG_STRIDE)[:, 1]]   # 0: not checkable
         self.slots = segment[header:].view(world, 2, SLOT_BYTES)
         self.seq = 0
+        self.spin = 0 if _oversubscribed() else 64   # busy-wait polls before yielding the core
         self.pending: "PendingShm | None" = None
 
     # one chunk: publish (copy in, raise the flag), then complete (wait for peers, reduce in rank order)
@@ -69,19 +75,27 @@ class ShmAllReduce:
     def _wait_peers(self, seq: int) -> None:
         if int(self.peer_flags.min()) >= seq:
             return
-        deadline = time.monotonic() + self.timeout_s
-        spins = 0
+        start = time.monotonic()
+        next_check, spins = start + _LIVENESS_S, 0
         while int(self.peer_flags.min()) < seq:
             spins += 1
-            if spins > 64:                  # a peer is still computing: let other processes have the core
+            if spins > self.spin:           # a peer is still computing: let other processes have the core
                 if spins < 4096:
                     os.sched_yield()
                 else:
                     time.sleep(1e-4)
-                if time.monotonic() > deadline:
+                now = time.monotonic()
+                if now > next_check:
+                    next_check = now + _LIVENESS_S
                     late = [r for r in range(self.world) if int(self.peer_flags[r]) < seq]
-                    raise TimeoutError(f"shared-memory all-reduce {seq}: group ranks {late} did not arrive "
-                                       f"within {self.timeout_s:.0f} s")
+                    gone = [r for r in late if not _alive(self.peer_pids[r])]
+                    if gone:                # gloo would see its socket close; here, look for the process
+                        raise RuntimeError(f"shared-memory all-reduce {seq}: the process of rank(s) "
+                                           f"{[self.ranks[r] for r in gone]} has exited")
+                    if now - start > self.timeout_s:
+                        raise TimeoutError(f"shared-memory all-reduce {seq}: rank(s) "
+                                           f"{[self.ranks[r] for r in late]} did not arrive within "
+                                           f"{self.timeout_s:.0f} s")
 
     def _chunks(self, tensor: torch.Tensor):
         flat = tensor.view(-1)
@@ -108,6 +122,27 @@ class ShmAllReduce:
         """Finish an all-reduce left in flight, so calls complete in the order they started."""
         if self.pending is not None:
             self.pending.wait()
+
+
+def _oversubscribed() -> bool:
+    """More compute threads on this host (ranks x threads) than cores: then a spinning rank would take the core
+    from the peer it waits for, so waiting yields at once."""
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("WORLD_SIZE", "1")))
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return local * torch.get_num_threads() > cores
+
+
+def _alive(pid: int) -> bool:
+    """Whether process `pid` exists and is not a zombie (0: unknown, assumed alive)."""
+    if pid <= 0:
+        return True
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+    except OSError:
+        return True
 
 
 class PendingShm:
@@ -156,5 +191,14 @@ def setup(group, ranks: tuple[int, ...], timeout_s: float) -> ShmAllReduce | Non
     if ok.item() < 1:
         return None
     segment[:len(nonce)] = 0                                  # the flags start at zero on every rank
+    header = segment[:world * _FLAG_STRIDE * 8].view(torch.int64).view(world, _FLAG_STRIDE)
     dist.barrier(group=group)
-    return ShmAllReduce(group, me, world, segment, timeout_s, path)
+    header[me, 1] = os.getpid()
+    dist.barrier(group=group)
+    # pids are only meaningful if every peer's process is visible here (one pid namespace)
+    visible = torch.tensor([float(all(_alive(int(p)) for p in header[:, 1]))])
+    dist.all_reduce(visible, op=dist.ReduceOp.MIN, group=group)
+    if visible.item() < 1:
+        header[me, 1] = 0
+    dist.barrier(group=group)
+    return ShmAllReduce(group, ranks, segment, timeout_s, path)
