@@ -1,6 +1,7 @@
 """The cpu profile's measurement, run as a script in a fresh interpreter; prints one JSON object.
 
-Invariant: imports only torch (never meshtron), so the resident size it reports is that of a rank's runtime;
+Invariant: imports only torch (meshtron only after the resident sizes are read, to time its shared-memory
+all-reduce), so the resident size it reports is that of a rank's runtime;
 starts its two gloo ranks by fork right after `import torch`, before any multithreaded math (as meshtron's
 launcher forks its ranks from a server that imported torch); about 2-3 s.
 """
@@ -70,6 +71,19 @@ def tiny_training_steps(steps: int = 2) -> None:
         opt.zero_grad(set_to_none=True)
 
 
+def shm_allreduce(small, big) -> dict:
+    """The same two all-reduces through meshtron's shared-memory transport (what its model axis uses on one
+    host), or nothing when that transport is off here."""
+    from meshtron.comm import shm
+    if not shm.enabled():
+        return {}
+    transport = shm.setup(dist.group.WORLD, (0, 1), timeout_s=60)
+    if transport is None:
+        return {}
+    latency = timed_collective(lambda: transport.all_reduce(small), 50) / 2
+    return {"shm_allreduce_latency_s": latency, "shm_allreduce_s": timed_collective(lambda: transport.all_reduce(big), 8)}
+
+
 def gloo_rank(rank: int, init_file: str, queue) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
@@ -79,9 +93,11 @@ def gloo_rank(rank: int, init_file: str, queue) -> None:
     rank_rss = rss_bytes()
     del big
     tiny_training_steps()
+    out = {"allreduce_latency_s": latency, "allreduce_bytes": 2 ** 24, "allreduce_s": big_s,
+           "rank_rss_bytes": rank_rss, "rank_runtime_rss_bytes": rss_bytes()}
+    out.update(shm_allreduce(small, torch.zeros(2 ** 22)))   # after the RSS readings: this imports meshtron
     if rank == 0:
-        queue.put({"allreduce_latency_s": latency, "allreduce_bytes": 2 ** 24, "allreduce_s": big_s,
-                   "rank_rss_bytes": rank_rss, "rank_runtime_rss_bytes": rss_bytes()})
+        queue.put(out)
     dist.barrier()
     dist.destroy_process_group()
 

@@ -16,7 +16,7 @@ import sys
 from meshtron.planner.hardware import GIB, HardwareError, HardwareProfile
 
 CPU_DEVICES_PER_NODE = 256   # a CPU run's ranks all live on this machine unless --gpus-per-node says otherwise
-CALIBRATION_VERSION = 2      # bump when _measure.py's numbers change meaning: older caches are measured again
+CALIBRATION_VERSION = 3      # bump when _measure.py's numbers change meaning: older caches are measured again
 
 # --- The cpu profile's own constants: what the calibration does not measure, fitted once to meshtron's runs on
 # this kind of machine (bench/bench_planner.py: GPT and Llama shapes, meshes model:1 to batch:2,model:2, with
@@ -100,6 +100,10 @@ def cpu_profile(threads_per_rank: int = 1, *, recalibrate: bool = False) -> Hard
     latency_us = m["allreduce_latency_s"] * 1e6
     # a 2-rank ring all-reduce of N bytes takes N/bw + 2 steps of latency (cost_model.all_reduce_time)
     bw_gbs = m["allreduce_bytes"] / max(m["allreduce_s"] - 2 * m["allreduce_latency_s"], 1e-9) / 1e9
+    tp_bw_gbs = tp_latency_us = None
+    if "shm_allreduce_s" in m:      # the model axis's all-reduces go through shared memory, DDP's through gloo
+        tp_latency_us = m["shm_allreduce_latency_s"] * 1e6
+        tp_bw_gbs = m["allreduce_bytes"] / max(m["shm_allreduce_s"] - 2 * m["shm_allreduce_latency_s"], 1e-9) / 1e9
     return HardwareProfile(
         "cpu", {"fp32": m["gemm_flops_per_thread"] * threads_per_rank / 1e12},
         memory_gib=total_ram_bytes() / GIB,
@@ -114,6 +118,8 @@ def cpu_profile(threads_per_rank: int = 1, *, recalibrate: bool = False) -> Hard
         threads_per_rank=threads_per_rank, shared_memory=True,
         description=f"this machine ({cores} cores), measured: fp32 GEMM {m['gemm_flops_per_thread'] / 1e9:.0f} "
                     f"GFLOP/s per thread, copy {m['memory_bandwidth_bytes_s'] / 1e9:.1f} GB/s, gloo "
-                    f"{bw_gbs:.2f} GB/s and {latency_us:.0f} us, rank runtime RSS "
+                    f"{bw_gbs:.2f} GB/s and {latency_us:.0f} us"
+                    + (f" (model axis through shared memory: {tp_bw_gbs:.2f} GB/s and {tp_latency_us:.0f} us)"
+                       if tp_bw_gbs else "") + ", rank runtime RSS "
                     f"{m['rank_runtime_rss_bytes'] / 2 ** 20:.0f} MiB",
-        measured=m)
+        tp_intra_node_bandwidth_gbs=tp_bw_gbs, tp_intra_node_latency_us=tp_latency_us, measured=m)

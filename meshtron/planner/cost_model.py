@@ -231,10 +231,13 @@ def crosses_nodes(stride: int, size: int, devices: int, per_node: int) -> bool:
     return size > 1 and devices > per_node and (span > per_node or per_node % span != 0)
 
 
-def link(hw: HardwareProfile, inter_node: bool) -> tuple[float, float]:
+def link(hw: HardwareProfile, inter_node: bool, model_axis: bool = False) -> tuple[float, float]:
     """(bandwidth B/s a ring collective reaches, latency s per ring step) of the link a group crosses."""
     if inter_node:
         return hw.inter_node_bandwidth_gbs * 1e9 * hw.collective_efficiency, hw.inter_node_latency_us * 1e-6
+    if model_axis and hw.tp_intra_node_bandwidth_gbs:
+        return (hw.tp_intra_node_bandwidth_gbs * 1e9 * hw.collective_efficiency,
+                (hw.tp_intra_node_latency_us or hw.intra_node_latency_us) * 1e-6)
     return hw.intra_node_bandwidth_gbs * 1e9 * hw.collective_efficiency, hw.intra_node_latency_us * 1e-6
 
 
@@ -363,7 +366,7 @@ def predict_time(cfg: ModelConfig, lay: ParallelLayout, hw: HardwareProfile, glo
     e, d, t, p, b, v = DTYPE_BYTES[dtype], lay.dp, lay.tp, lay.pp, lay.micro_batch, lay.virtual_stages
     m, layers, per_node = global_batch // (d * b), cfg.n_layer // p, hw.devices_per_node
     flops_s, mem_bw = compute_rate(hw, dtype, min(lay.devices, per_node))
-    tp_link = link(hw, crosses_nodes(1, t, lay.devices, per_node))          # rank = tp + t·dp + t·d·pp
+    tp_link = link(hw, crosses_nodes(1, t, lay.devices, per_node), model_axis=True)  # rank = tp + t·dp + t·d·pp
     dp_link = link(hw, crosses_nodes(t, d, lay.devices, per_node))
     pp_link = link(hw, crosses_nodes(t * d, p, lay.devices, per_node))
 

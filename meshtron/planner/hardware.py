@@ -46,6 +46,10 @@ class HardwareProfile:
     shared_memory: bool = False          # CPU only: memory_gib is the node's RAM, shared by its ranks
     description: str = ""
     measured: dict = field(default_factory=dict, compare=False)  # raw calibration numbers (cpu)
+    # the model axis's collectives inside a node, when they take another transport than the batch axis's (CPU:
+    # meshtron's shared-memory all-reduce, while DDP's gradient buckets use gloo); None: the intra-node link
+    tp_intra_node_bandwidth_gbs: float | None = None
+    tp_intra_node_latency_us: float | None = None
 
     def peak_flops(self, dtype: str) -> float:
         if dtype not in self.peak_tflops:
