@@ -4,7 +4,7 @@ Invariant: every case is one exact layout (model shape, mesh, global batch, sequ
 prediction comes from `meshtron.planner.predict` with the calibrated `cpu` profile, the measurement from
 `measure(case)`, which runs meshtron's trainer on that layout: `meshtron.launch.run_ranks` starts the mesh's
 ranks (forkserver, torch preloaded, threads per rank = cores // ranks), each builds `Mesh.from_spec`,
-`build_model` and `TrainStep` (DDP over the batch axis, fp32, foreach AdamW, clipping) and trains on synthetic
+`build_model` and `TrainStep` (DDP over the batch axis, fp32, fused AdamW, clipping) and trains on synthetic
 token batches (`local_rows` of one global batch).
 
 Memory. Measured: the fullest rank's peak resident set (ru_maxrss) over the whole run: Python, torch, gloo and
@@ -107,7 +107,7 @@ def prediction(case: Case, hw) -> Prediction:
 
 
 # --------------------------------------------------------------------------------------------------------------
-# The measurement: meshtron's trainer on the case's mesh (TrainStep: DDP over the batch axis, fp32, foreach
+# The measurement: meshtron's trainer on the case's mesh (TrainStep: DDP over the batch axis, fp32, fused
 # AdamW, global-norm clipping), synthetic token batches, ranks started by meshtron.launch.run_ranks.
 # --------------------------------------------------------------------------------------------------------------
 def _rss_bytes() -> int:
@@ -387,7 +387,7 @@ def main(argv: list[str] | None = None) -> int:
 RESULTS_HEADER = """# Planner vs. measurement on this machine
 
 Written by `.venv/bin/python bench/bench_planner.py`. Each row runs meshtron's trainer for real (`run_ranks`,
-`TrainStep`: DDP over the batch axis, fp32, foreach AdamW, clipping; synthetic tokens) and compares it with
+`TrainStep`: DDP over the batch axis, fp32, fused AdamW, clipping; synthetic tokens) and compares it with
 `meshtron.planner.predict` on the calibrated `cpu` profile. Memory: the fullest rank's peak RSS (ru_maxrss),
 and "tensors", the same less the rank's measured runtime (its RSS after joining the mesh and training a tiny
 model); the prediction less its runtime term. Time: the median wall time of the undisturbed steps (other

@@ -27,8 +27,9 @@ CPU_GEMM_EFFICIENCY = 0.80     # of the calibrated single-thread 1024^3 GEMM rat
 CPU_ELEMENTWISE_PASSES = 6.0   # eager-mode PyTorch on CPU runs each norm, activation, residual, rotary and loss op
                                # as its own pass over memory (GPU default 2.5, with fused kernels); profiled: 0.2-0.4
                                # s of a 2-2.4 s single-thread step outside GEMMs, attention and the optimizer
-CPU_OPTIMIZER_PASSES = 5.0     # torch.optim.AdamW(foreach=True) plus global-norm clipping move ~80 bytes per fp32
-                               # parameter, 5x its 16 bytes of state (measured: 0.28 s for 51M parameters, 1 thread)
+CPU_OPTIMIZER_PASSES = 1.5     # torch.optim.AdamW(fused=True) plus global-norm clipping move ~23 bytes per fp32
+                               # parameter, 1.44x its 16 bytes of state (measured: 0.059 s for 53M parameters, 1
+                               # thread; the foreach AdamW meshtron used before took 0.249 s, 6 passes)
 CPU_DP_OVERLAP = 0.0           # gloo reduces on the CPU: with every core computing, DDP's all-reduce does not hide
                                # under the backward (the DP_OVERLAP of GPUs, whose NCCL kernels run alongside)
 CPU_ALLOCATOR_OVERHEAD = 0.15  # glibc malloc keeps freed blocks below the top of its heaps resident (tensors under

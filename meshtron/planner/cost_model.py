@@ -28,8 +28,10 @@ DTYPE_BYTES = {"bf16": 2, "fp16": 2, "tf32": 4, "fp32": 4}
 MASK_BYTES = 1             # a dropout mask element (Korthikanti et al. 2022, section 4.1)
 LOGIT_BYTES = 4            # logits are kept in fp32 for the cross-entropy (Korthikanti et al. 2022, 4.1.2)
 GRAD_REDUCE_BYTES = 4      # gradients are reduced in fp32 (the fp32 grads of the bytes-per-parameter table)
-ADAM_TEMP_BYTES = 4        # torch.optim.AdamW(foreach=True), meshtron's optimizer, allocates sqrt(v) in fp32 for
-                           # every parameter it updates, for the length of the step (torch/optim/adamw.py)
+ADAM_TEMP_BYTES = 0        # meshtron's TrainStep uses torch.optim.AdamW(fused=True) on CPU and CUDA: it updates
+                           # in place (the foreach implementation allocated sqrt(v), 4 bytes per parameter)
+ACCUMULATION_GRAD_BYTES = 4  # DDP with gradient_as_bucket_view: gradients are views of its fp32 buckets, except
+                             # while micro-batches accumulate under no_sync, where they are tensors of their own
 NORM_STORED = {"gpt": 1,   # tensors of s·b·h a norm keeps for its backward: torch's fused LayerNorm its input;
                "llama": 2} # meshtron's RMSNorm (PyTorch ops, fp32 as Llama) its input and the normalised x
 
@@ -351,6 +353,8 @@ def predict_memory(cfg: ModelConfig, lay: ParallelLayout, hw: HardwareProfile, g
                "activations": acts}
         # the optimizer step runs after the backward has freed the activations: only its excess shows
         mem["optimizer_step"] = max(0.0, optimizer_temp_bytes(n, lay.sharded_optimizer, lay.dp) - acts)
+        if lay.dp > 1 and m > 1 and p == 1:    # gradient accumulation under DDP: a second copy of the gradients
+            mem["accumulation"] = n * ACCUMULATION_GRAD_BYTES
         mem["allocator"] = hw.allocator_overhead * sum(mem.values())
         mem["runtime"] = hw.runtime_overhead_bytes
         stages.append(mem)

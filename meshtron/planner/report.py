@@ -62,11 +62,13 @@ def explain(p: Prediction) -> str:
     time_parts = [("compute", "compute"), ("tp_comm", "model-axis collectives"), ("pp_comm", "pipe sends"),
                   ("bubble", "pipeline bubble"), ("dp_comm", "exposed gradient reduction"),
                   ("optimizer", "optimizer")]
-    mem_parts = ["params", "grads", "optimizer", "activations", "optimizer_step", "allocator", "runtime"]
+    mem_parts = ["params", "grads", "optimizer", "activations", "accumulation", "optimizer_step", "allocator",
+                 "runtime"]
     return (f"  step {t['step']:.4g} s = " + " + ".join(f"{label} {t[k]:.3g}" for k, label in time_parts if t[k])
             + f"\n  memory {p.memory_gb:.3g} GiB = " + " + ".join(f"{k.replace('_', ' ')} {m[k] / GIB:.3g}"
                                                                  for k in mem_parts
                                                                  if m.get(k) or k not in ("optimizer_step",
+                                                                                          "accumulation",
                                                                                           "allocator")))
 
 
