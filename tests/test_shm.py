@@ -108,3 +108,29 @@ def test_a_peer_that_exits_is_noticed_long_before_the_timeout():
     with pytest.raises(RankError, match=r"all_reduce over group model\[0, 1\] failed.*rank\(s\) \[1\] has exited"):
         run_ranks(_peer_exits, 2, timeout_s=60)
     assert time.monotonic() - t0 < 30
+
+
+def _other_host_on_rank_one(tmp):
+    """Rank 1 maps a file of its own where rank 0 created the segment, as on another host's /dev/shm."""
+    if int(os.environ["RANK"]) == 1:
+        real = torch.from_file
+
+        def private(path, *args, **kw):
+            own = os.path.join(tmp, "other-host-" + os.path.basename(path))
+            open(own, "wb").close()
+            os.truncate(own, kw.get("size", args[1] if len(args) > 1 else 0))
+            return real(own, *args, **kw)
+        torch.from_file = private
+    from meshtron.comm import collectives as C
+    mesh = Mesh.from_spec("model:2")
+    group = mesh.axis("model").group
+    x = torch.full((5,), float(mesh.rank + 1))
+    C.all_reduce(x, group)
+    return C.shm_transport(group) is None, x.tolist()
+
+
+def test_memory_that_is_not_shared_falls_back_to_gloo_on_every_rank(tmp_path):
+    before = set(glob.glob("/dev/shm/meshtron-*"))
+    for fell_back, values in run_ranks(_other_host_on_rank_one, 2, str(tmp_path)):
+        assert fell_back and values == [3.0] * 5
+    assert set(glob.glob("/dev/shm/meshtron-*")) == before
