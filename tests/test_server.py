@@ -24,6 +24,8 @@ import httpx  # noqa: E402
 
 VOCAB, CTX, KEY = 101, 64, "sk-meshtron-test"
 EOS = VOCAB - 1
+CHAT_TEMPLATE = ("{% for m in messages %}{{ 'w90' if m['role'] == 'system' else 'w91' }} {{ m['content'] }} "
+                 "{% endfor %}{% if add_generation_prompt %}w92{% endif %}")
 SERVE = ("import sys, argparse; from meshtron.cli import serve as s; p = argparse.ArgumentParser(); "
          "s.add_arguments(p); sys.exit(s.run(p.parse_args(sys.argv[1:])))")
 
@@ -43,8 +45,9 @@ def _model_folder(path: str) -> None:
     vocab = {f"w{i}": i for i in range(VOCAB - 2)} | {"<unk>": VOCAB - 2, "<|endoftext|>": EOS}
     tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    transformers.PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>",
-                                         eos_token="<|endoftext|>").save_pretrained(path)
+    fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", eos_token="<|endoftext|>")
+    fast.chat_template = CHAT_TEMPLATE
+    fast.save_pretrained(path)
 
 
 def _prompt(i: int) -> str:
@@ -226,24 +229,6 @@ def test_bad_requests_get_4xx_and_the_server_keeps_serving(server, expected, bod
     assert ok.json()["choices"][0]["text"] == expected[1].text
 
 
-def test_sigterm_stops_every_rank(server):
-    """Last: SIGTERM to the server process (not its group) stops it and its other rank; exit code 0."""
-    url, proc, _ = server
-    os.kill(proc.pid, signal.SIGTERM)
-    assert proc.wait(30) == 0
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        try:
-            os.killpg(proc.pid, 0)                          # anyone left in the server's process group?
-        except ProcessLookupError:
-            break
-        time.sleep(0.2)
-    else:
-        pytest.fail("a rank outlived the server")
-    with pytest.raises(httpx.HTTPError):
-        httpx.get(url + "/health", timeout=2)
-
-
 def test_replicas_on_a_batch_axis_serve_the_same_answers(server, expected):
     """batch:2: two replicas each decode their own share of the requests (one all-gather of new tokens per
     step keeps them in lockstep); every answer, streamed or not, equals the one-rank greedy completion."""
@@ -268,3 +253,91 @@ def test_replicas_on_a_batch_axis_serve_the_same_answers(server, expected):
     finally:
         _kill_group(proc)
         log.close()
+
+
+def _chat_expected(path, messages, max_tokens):
+    """What the chat endpoint must answer: the one-rank greedy completion of the rendered template."""
+    from meshtron.inference import Engine, Request, SamplingParams, model_eos_ids
+    from meshtron.load import open_model
+    from meshtron.mesh import Mesh
+    from meshtron.serve.chat import load_template
+    model, tok, src = open_model(path, Mesh.from_spec("model:1"))
+    ids = tok.encode(load_template(path).render(messages))
+    [done] = Engine(model, tok, model_eos_ids(src, tok)).generate([Request(0, ids, SamplingParams(
+        max_tokens, temperature=0))])
+    return done, ids
+
+
+def test_chat_completions(server):
+    url, _, path = server
+    messages = [{"role": "system", "content": _prompt(1)},
+                {"role": "user", "content": [{"type": "text", "text": _prompt(2)}]}]
+    want, ids = _chat_expected(path, [messages[0], {"role": "user", "content": _prompt(2)}], 9)
+    headers = {"Authorization": f"Bearer {KEY}"}
+    r = httpx.post(url + "/v1/chat/completions", json={"model": "tiny", "messages": messages, "max_tokens": 9,
+                                                       "temperature": 0}, headers=headers, timeout=60)
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["object"] == "chat.completion" and body["id"].startswith("chatcmpl-") and body["model"] == "tiny"
+    assert body["choices"] == [{"index": 0, "message": {"role": "assistant", "content": want.text},
+                                "logprobs": None, "finish_reason": want.finish_reason}]
+    assert body["usage"]["prompt_tokens"] == len(ids) and body["usage"]["completion_tokens"] == len(want.token_ids)
+
+    chunks = []           # streamed: the role first, then the content, then the finish reason
+    with httpx.stream("POST", url + "/v1/chat/completions", json={"messages": messages, "max_completion_tokens": 9,
+                      "temperature": 0, "stream": True}, headers=headers, timeout=60) as r:
+        lines = [line for line in r.iter_lines() if line]
+    assert lines[-1] == "data: [DONE]"
+    chunks = [json.loads(line[6:]) for line in lines[:-1]]
+    assert all(c["object"] == "chat.completion.chunk" for c in chunks)
+    assert chunks[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
+    text = "".join(c["choices"][0]["delta"].get("content", "") for c in chunks[1:])
+    assert text == want.text and chunks[-1]["choices"][0]["finish_reason"] == want.finish_reason
+
+
+@pytest.mark.parametrize("body,code", [
+    ({"messages": []}, "missing_messages"),
+    ({"messages": [{"role": "wizard", "content": "w1"}]}, None),
+    ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": "x"}]}]}, None),
+    ({"messages": [{"role": "user", "content": "w1"}], "n": 2}, "unsupported_parameter"),
+])
+def test_bad_chat_requests_get_400(server, body, code):
+    r = httpx.post(server[0] + "/v1/chat/completions", json=body, headers={"Authorization": f"Bearer {KEY}"},
+                   timeout=30)
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["code"] == code
+
+
+def test_chat_needs_a_template():
+    from meshtron.serve.chat import parse_chat
+    from meshtron.serve.protocol import APIError, Limits
+    with pytest.raises(APIError, match="--chat-template") as e:
+        parse_chat({"messages": [{"role": "user", "content": "hi"}]}, None, list, Limits(8, 8, 16, 10))
+    assert e.value.status == 400
+
+
+def test_a_broken_chat_template_fails_before_any_rank_starts(server, tmp_path):
+    bad = tmp_path / "bad.jinja"
+    bad.write_text("{% for m in messages %}")
+    for template, words in ((str(bad), "not valid Jinja"), (str(tmp_path / "missing.jinja"), "cannot read")):
+        r = subprocess.run([sys.executable, "-c", SERVE, server[2], "--chat-template", template, "--port",
+                            str(free_port())], capture_output=True, text=True, timeout=120)
+        assert r.returncode == 2 and words in r.stderr, r.stderr
+
+
+def test_sigterm_stops_every_rank(server):   # last: it stops the module's server
+    """Last: SIGTERM to the server process (not its group) stops it and its other rank; exit code 0."""
+    url, proc, _ = server
+    os.kill(proc.pid, signal.SIGTERM)
+    assert proc.wait(30) == 0
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        try:
+            os.killpg(proc.pid, 0)                          # anyone left in the server's process group?
+        except ProcessLookupError:
+            break
+        time.sleep(0.2)
+    else:
+        pytest.fail("a rank outlived the server")
+    with pytest.raises(httpx.HTTPError):
+        httpx.get(url + "/health", timeout=2)

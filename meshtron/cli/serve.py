@@ -26,6 +26,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-body-bytes", type=int, default=1 << 20, help="largest request body (default 1 MiB)")
     p.add_argument("--max-batch", type=int, default=32, help="sequences decoded together per replica (default 32)")
     p.add_argument("--log-requests", action="store_true", help="print an access log line per request")
+    p.add_argument("--chat-template", default=None, metavar="FILE",
+                   help="Jinja chat template for /v1/chat/completions (default: the model folder's own, from "
+                        "chat_template.jinja or tokenizer_config.json; without one, chat is refused)")
 
 
 def _check_port(host: str, port: int) -> None:
@@ -54,6 +57,7 @@ def run(args) -> int:
                 raise ValueError(f"{flag} must be at least 1")
         if not 0 < args.port < 65536:
             raise ValueError(f"--port {args.port} is not a TCP port")
+        _check_chat_template(args.path, args.chat_template)
         launched = under_launcher()
         if not launched or _rank() == 0:
             _check_port(args.host, args.port)
@@ -64,8 +68,22 @@ def run(args) -> int:
                         port=args.port, api_key=args.api_key, served_model_name=args.served_model_name,
                         max_prompt_tokens=args.max_prompt_tokens, max_tokens_limit=args.max_tokens_limit,
                         max_body_bytes=args.max_body_bytes, max_batch=args.max_batch,
-                        threads_per_rank=args.threads_per_rank, log_requests=args.log_requests)
+                        threads_per_rank=args.threads_per_rank, log_requests=args.log_requests,
+                        chat_template=args.chat_template)
     return serve_rank(opts) if launched else launch(opts)
+
+
+def _check_chat_template(path: str, override: str | None) -> None:
+    """Compile the chat template before any rank starts: a missing file or a Jinja error fails here."""
+    from jinja2 import TemplateError
+
+    from meshtron.serve.chat import load_template
+    try:
+        load_template(path, override)
+    except OSError as e:
+        raise ValueError(f"--chat-template: cannot read {override}: {e.strerror}") from None
+    except TemplateError as e:
+        raise ValueError(f"the chat template {override or 'of ' + path} is not valid Jinja: {e}") from None
 
 
 def _rank() -> int:

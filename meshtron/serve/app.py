@@ -1,5 +1,6 @@
-"""The HTTP side of `meshtron serve` (rank 0 only): OpenAI-compatible `POST /v1/completions` (JSON or server-sent
-events), `GET /v1/models`, `GET /health`, and `GET /stats` (scheduler counters).
+"""The HTTP side of `meshtron serve` (rank 0 only): OpenAI-compatible `POST /v1/completions` and
+`POST /v1/chat/completions` (JSON or server-sent events), `GET /v1/models`, `GET /health`, and `GET /stats`
+(scheduler counters).
 
 Invariant: every failure is an OpenAI-shaped JSON error with a 4xx/5xx status, decided here before the
 scheduler sees the request (auth, body size, JSON, fields, lengths); an accepted request becomes one scheduler
@@ -18,13 +19,15 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from meshtron.inference import Event, Request, SamplingParams
+from meshtron.serve.chat import ChatTemplate, chat_choice, chat_completion, chat_delta, parse_chat
 from meshtron.serve.protocol import (DONE, APIError, CompletionRequest, Limits, choice, completion, parse_completion,
                                      parse_json, sse, usage)
 from meshtron.serve.scheduler import Job, Scheduler
 
 
 def build_app(scheduler: Scheduler, tokenizer, model_name: str, limits: Limits, api_key: str | None = None,
-              max_body_bytes: int = 1 << 20, max_queued: int = 4096) -> FastAPI:
+              max_body_bytes: int = 1 << 20, max_queued: int = 4096,
+              chat_template: ChatTemplate | None = None) -> FastAPI:
     app = FastAPI(title="meshtron", docs_url=None, redoc_url=None, openapi_url=None)
     created = int(time.time())
     eot = getattr(tokenizer, "eot_id", None)
@@ -86,7 +89,15 @@ def build_app(scheduler: Scheduler, tokenizer, model_name: str, limits: Limits, 
     async def completions(request: HTTPRequest):
         authorize(request)
         body = parse_json(await read_body(request))
-        req = parse_completion(body, tokenizer.encode, limits, eot)
+        return await serve(parse_completion(body, tokenizer.encode, limits, eot), chat=False)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: HTTPRequest):
+        authorize(request)
+        body = parse_json(await read_body(request))
+        return await serve(parse_chat(body, chat_template, tokenizer.encode, limits, eot), chat=True)
+
+    async def serve(req: CompletionRequest, chat: bool):
         if req.model is not None and req.model != model_name:
             raise APIError(404, f"the model '{req.model}' does not exist; this server serves '{model_name}'",
                            param="model", code="model_not_found")
@@ -98,9 +109,9 @@ def build_app(scheduler: Scheduler, tokenizer, model_name: str, limits: Limits, 
         queue: asyncio.Queue = asyncio.Queue()
         ids = _submit(scheduler, req, queue, asyncio.get_running_loop())
         if req.stream:
-            return StreamingResponse(_stream(scheduler, req, ids, queue, model_name),
+            return StreamingResponse(_stream(scheduler, req, ids, queue, model_name, chat),
                                      media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
-        return await _collect(scheduler, req, ids, queue, model_name)
+        return await _collect(scheduler, req, ids, queue, model_name, chat)
 
     return app
 
@@ -128,7 +139,7 @@ def _error_of(item: BaseException) -> APIError:
 
 
 async def _collect(scheduler: Scheduler, req: CompletionRequest, ids: list[str], queue: asyncio.Queue,
-                   model_name: str) -> dict:
+                   model_name: str, chat: bool = False) -> dict:
     n = len(ids)
     texts, tokens, reasons = [[] for _ in range(n)], [0] * n, [None] * n
     try:
@@ -144,15 +155,26 @@ async def _collect(scheduler: Scheduler, req: CompletionRequest, ids: list[str],
         unfinished = [rid for rid, r in zip(ids, reasons) if r is None]
         if unfinished:
             scheduler.cancel(unfinished)
-    choices = [choice(i, "".join(texts[i]), reasons[i]) for i in range(n)]
-    return completion(req, model_name, choices, usage(sum(map(len, req.prompts)), sum(tokens)))
+    make_choice, make = (chat_choice, chat_completion) if chat else (choice, completion)
+    choices = [make_choice(i, "".join(texts[i]), reasons[i]) for i in range(n)]
+    return make(req, model_name, choices, usage(sum(map(len, req.prompts)), sum(tokens)))
 
 
 async def _stream(scheduler: Scheduler, req: CompletionRequest, ids: list[str], queue: asyncio.Queue,
-                  model_name: str):
+                  model_name: str, chat: bool = False):
     n = len(ids)
     done, tokens = [False] * n, 0
+
+    def chunk(i, text, finish_reason):
+        if chat:
+            return chat_completion(req, model_name, [chat_delta(i, {"content": text} if text else {}, finish_reason)],
+                                   None, chunk=True)
+        return completion(req, model_name, [choice(i, text, finish_reason)], None)
     try:
+        if chat:                           # OpenAI's first chunk: the assistant's role, no content yet
+            for i in range(n):
+                yield sse(chat_completion(req, model_name, [chat_delta(i, {"role": "assistant", "content": ""},
+                                                                       None)], None, chunk=True))
         while not all(done):
             i, item = await queue.get()
             if isinstance(item, BaseException):
@@ -162,9 +184,11 @@ async def _stream(scheduler: Scheduler, req: CompletionRequest, ids: list[str], 
             tokens += 1
             done[i] = ev.finish_reason is not None
             if ev.text or ev.finish_reason:
-                yield sse(completion(req, model_name, [choice(i, ev.text, ev.finish_reason)], None))
+                yield sse(chunk(i, ev.text, ev.finish_reason))
         if all(done) and req.include_usage:
-            yield sse(completion(req, model_name, [], usage(sum(map(len, req.prompts)), tokens)))
+            final = usage(sum(map(len, req.prompts)), tokens)
+            yield sse(chat_completion(req, model_name, [], final, chunk=True) if chat
+                      else completion(req, model_name, [], final))
         yield DONE
     finally:
         unfinished = [rid for rid, d in zip(ids, done) if not d]

@@ -35,6 +35,7 @@ class ServeOptions:
     max_batch: int = 32
     threads_per_rank: int | None = None
     log_requests: bool = False
+    chat_template: str | None = None          # a Jinja file; None: the model folder's own template, if any
 
     @property
     def world(self) -> int:
@@ -79,6 +80,7 @@ def _serve_http(opts: ServeOptions, engine, control, tok, src) -> int:
     import uvicorn
 
     from meshtron.serve.app import build_app
+    from meshtron.serve.chat import load_template
     from meshtron.serve.protocol import Limits
     from meshtron.serve.scheduler import Scheduler
 
@@ -93,7 +95,8 @@ def _serve_http(opts: ServeOptions, engine, control, tok, src) -> int:
         server_box[0].should_exit = True
 
     scheduler = Scheduler(engine, control, opts.max_batch, on_fatal=fatal)
-    app = build_app(scheduler, tok, opts.model_name, limits, opts.api_key, opts.max_body_bytes)
+    chat = load_template(opts.path, opts.chat_template)
+    app = build_app(scheduler, tok, opts.model_name, limits, opts.api_key, opts.max_body_bytes, chat_template=chat)
     config = uvicorn.Config(app, host=opts.host, port=opts.port, log_level="warning", access_log=opts.log_requests,
                             timeout_graceful_shutdown=5, lifespan="off")
     server = uvicorn.Server(config)
@@ -115,8 +118,8 @@ def _serve_http(opts: ServeOptions, engine, control, tok, src) -> int:
         scheduler.stop()
     else:
         print(f"meshtron serve: {opts.model_name} ({cfg.family}, {cfg.num_params() / 1e6:.1f}M params) on mesh "
-              f"{opts.mesh}, listening on http://{opts.host}:{opts.port} (POST /v1/completions, GET /v1/models, "
-              f"GET /health)", flush=True)
+              f"{opts.mesh}, listening on http://{opts.host}:{opts.port} (POST /v1/completions, "
+              f"{'POST /v1/chat/completions, ' if chat is not None else ''}GET /v1/models, GET /health)", flush=True)
     threading.Thread(target=lambda: (http.join(), scheduler.stop()), name="meshtron-http-watch", daemon=True).start()
     scheduler.run()
     server.should_exit = True
