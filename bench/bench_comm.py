@@ -58,7 +58,7 @@ def main() -> None:
     ap.add_argument("--wait-idle", type=float, default=120, metavar="S")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "comm.md"))
     args = ap.parse_args()
-    from common import wait_for_idle
+    from common import wait_for_idle, write_report
     from meshtron.launch import run_ranks
     wait_for_idle(args.wait_idle)
     cores = os.cpu_count() or 1
@@ -73,14 +73,8 @@ def main() -> None:
         g, s = res[nbytes]["gloo"], res[nbytes]["shm"]
         label = f"{nbytes // 2 ** 20} MiB" if nbytes >= 2 ** 20 else f"{nbytes // 2 ** 10} KiB"
         lines.append(f"| {label} | {g * 1e3:.3f} | {s * 1e3:.3f} | {s / g:.2f} |")
-    text = "\n".join(lines)
-    print(text)
-    os.makedirs(os.path.dirname(args.out), exist_ok=True)
-    with open(args.out, "w") as f:
-        f.write(f"# Shared-memory all-reduce vs gloo\n\nCommand: `.venv/bin/python bench/bench_comm.py "
-                f"--ranks {args.ranks}`\n\n{text}\n")
-    print(f"\nwritten to {args.out}")
-
+    write_report(args.out, "Shared-memory all-reduce vs gloo",
+                 f".venv/bin/python bench/bench_comm.py --ranks {args.ranks}", "\n".join(lines))
 
 if __name__ == "__main__":
     main()

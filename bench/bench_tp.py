@@ -45,7 +45,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import torch  # noqa: E402
 
-from common import median, others_cores, wait_for_idle  # noqa: E402
+from common import median, others_cores, wait_for_idle, write_report  # noqa: E402
 
 CORES = os.cpu_count() or 2
 LR = 3e-4
@@ -371,15 +371,8 @@ def main() -> None:
                       + (f"; the 1-rank x {CORES}-thread time suffers most (its threads wait for each other), so "
                          f"the efficiency is not meaningful" if eff_noisy else "")
                       + ". Re-run on an idle machine.**"]
-    text = "\n".join(lines)
-    print()
-    print(text)
-    os.makedirs(os.path.dirname(args.out), exist_ok=True)
-    with open(args.out, "w") as f:
-        f.write(f"# meshtron vs DTensor tensor parallelism\n\nCommand: `.venv/bin/python bench/bench_tp.py"
-                f"{' --quick' if q else ''}`\n\n{text}\n")
-    print(f"\nwritten to {args.out}")
-
+    write_report(args.out, "meshtron vs DTensor tensor parallelism",
+                 f".venv/bin/python bench/bench_tp.py{' --quick' if q else ''}", "\n".join(lines))
 
 if __name__ == "__main__":
     main()

@@ -8,6 +8,7 @@ same names, so meshtron's full weights load into it directly.
 from __future__ import annotations
 
 import math
+import os
 import time
 
 import torch
@@ -370,3 +371,13 @@ def wait_for_idle(max_wait_s: float, threshold: float = 0.3, log=print) -> float
         time.sleep(10)
         busy = busy_cores()
     return busy
+
+
+def write_report(path: str, title: str, command: str, text: str) -> None:
+    """Print the table and write it, with its title and command, to `path` (bench/results/ is gitignored)."""
+    print()
+    print(text)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w") as f:
+        f.write(f"# {title}\n\nCommand: `{command}`\n\n{text}\n")
+    print(f"\nwritten to {path}")

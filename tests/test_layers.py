@@ -147,3 +147,18 @@ def test_bf16_autocast_training_agrees_across_meshes():
     for losses, ok in run_ranks(_bf16_losses, 4, "batch:2,model:2"):
         assert ok
         torch.testing.assert_close(torch.tensor(losses), torch.tensor(ref), rtol=2e-2, atol=0)
+
+
+def test_frozen_column_weights_get_no_gradient_and_the_input_still_does():
+    from meshtron.parallel.linear import ColumnParallelLinear, column_parallel_group
+    torch.manual_seed(0)
+    axis = Mesh(shape={"model": 1}).axis(None)
+    layers = [ColumnParallelLinear(8, 4, axis) for _ in range(2)]
+    for layer in layers:
+        layer.weight.requires_grad_(False)
+    x = torch.randn(3, 8, requires_grad=True)
+    a, b = column_parallel_group(x, layers)
+    (a.sum() + 2 * b.sum()).backward()
+    assert all(layer.weight.grad is None for layer in layers)
+    assert all(layer.bias.grad is not None for layer in layers)
+    torch.testing.assert_close(x.grad, (layers[0].weight.sum(0) + 2 * layers[1].weight.sum(0)).expand(3, 8))

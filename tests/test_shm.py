@@ -27,6 +27,8 @@ def _reductions(use_shm: bool):
         inputs = {"big": big.clone(), "small": small.clone(), "ints": ints.clone(), "max": mx.clone(),
                   "bf16": half.clone()}
         C.all_reduce(big, axis.group)
+        empty = C.all_reduce_async(torch.zeros(0), axis.group)   # nothing to send: completes at once
+        assert empty.wait().numel() == 0
         pending = C.all_reduce_async(small, axis.group)      # in flight while another all-reduce starts
         C.all_reduce(ints, axis.group)
         pending.wait()

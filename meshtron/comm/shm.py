@@ -29,7 +29,14 @@ import uuid
 import torch
 import torch.distributed as dist
 
-SLOT_BYTES = int(os.environ.get("MESHTRON_SHM_SLOT_MB", "4")) * 2 ** 20
+def _slot_bytes() -> int:
+    raw = os.environ.get("MESHTRON_SHM_SLOT_MB", "4")
+    if not raw.isdigit() or int(raw) < 1:
+        raise ValueError(f"MESHTRON_SHM_SLOT_MB={raw!r}: give a whole number of MiB, at least 1 (default 4)")
+    return int(raw) * 2 ** 20
+
+
+SLOT_BYTES = _slot_bytes()
 _FLAG_STRIDE = 8            # int64s per rank's header line (64 bytes): [0] its sequence flag, [1] its pid
 _LIVENESS_S = 0.5           # while waiting, how often to check that the late peers' processes still exist
 _REDUCE = {"sum": torch.add, "max": torch.maximum, "min": torch.minimum}
@@ -113,6 +120,10 @@ class ShmAllReduce:
         """In-place SUM that completes at `wait()`: peers read this rank's data while it computes."""
         self.flush()
         chunks = self._chunks(tensor)
+        if not chunks:                                  # nothing to reduce: already complete
+            done = PendingShm(self, tensor, tensor, 0)
+            done.done = True
+            return done
         for chunk in chunks[:-1]:                       # only the last chunk is left in flight
             self._complete(chunk, self._publish(chunk), "sum")
         self.pending = PendingShm(self, tensor, chunks[-1], self._publish(chunks[-1]))

@@ -55,11 +55,13 @@ class _CopyThenLinear(torch.autograd.Function):
             pending = C.all_reduce_async(grad_x, ctx.axis.group)            # `f` backward, overlapped ...
         del weight
         gy2 = grad_y.reshape(-1, grad_y.shape[-1])
-        grad_w = gy2.t().mm(x.reshape(-1, x.shape[-1])).split(ctx.sizes)   # ... with dW and db
-        grad_b = gy2.sum(0).split(ctx.sizes) if ctx.has_bias else ()
+        n, wants = ctx.n, ctx.needs_input_grad[3:]
+        grad_w = (gy2.t().mm(x.reshape(-1, x.shape[-1])).split(ctx.sizes) if any(wants[:n])   # ... with dW
+                  else (None,) * n)
+        grad_b = (gy2.sum(0).split(ctx.sizes) if any(wants[n:]) else (None,) * n) if ctx.has_bias else ()
         if pending is not None:
             grad_x = pending.wait().to(ctx.dtypes[0])
-        grads = [g.to(dt) for g, dt in zip(tuple(grad_w) + tuple(grad_b), ctx.dtypes[1:])]
+        grads = [None if g is None else g.to(dt) for g, dt in zip(tuple(grad_w) + tuple(grad_b), ctx.dtypes[1:])]
         return (grad_x, None, None, *grads)
 
 
