@@ -53,11 +53,13 @@ def _view(t: torch.Tensor, spec, mesh):
 
 
 def _ensure_adam_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
-    """Create Adam's moments (zeros) where the optimizer has not stepped yet, so they can be loaded into."""
+    """Create Adam's moments (zeros) where the optimizer has not stepped yet, so they can be loaded into. The
+    step counter lives where torch's fused/capturable Adam keeps it: on the parameter's device."""
+    on_device = any(g.get("fused") or g.get("capturable") for g in optimizer.param_groups)
     for p in model.parameters():
         state = optimizer.state[p]
         if not state:
-            state["step"] = torch.zeros((), dtype=torch.float32)
+            state["step"] = torch.zeros((), dtype=torch.float32, device=p.device if on_device else "cpu")
             state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
             state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
 

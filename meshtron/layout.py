@@ -112,9 +112,6 @@ class Layout:
         """The mesh axis `dim` is split over (a trivial size-1 axis when it is replicated)."""
         return self.mesh.axis(self.dims.get(dim))
 
-    def padded_vocab(self, vocab_size: int) -> int:
-        return pad_to_multiple(vocab_size, self.axis("vocab").size)
-
 
 def validate(rules: LayoutRules, mesh_shape: dict[str, int], sizes: dict[str, int]) -> None:
     """Every check of the module docstring; raises LayoutError naming dimension, axis, sizes and the fix."""

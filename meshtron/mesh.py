@@ -103,11 +103,13 @@ class Mesh:
         return torch.arange(self.world_size).view(*self.shape.values())
 
     @classmethod
-    def from_spec(cls, spec: str | dict, *, backend: str | None = None,
+    def from_spec(cls, spec: str | dict, *, backend: str | None = None, device: str | None = None,
                   timeout_s: float | None = None) -> "Mesh":
         """Parse the spec, check it against the world size, then initialise `torch.distributed` if needed.
 
-        A one-rank mesh needs no process group. The backend is NCCL when CUDA is available, else gloo."""
+        A one-rank mesh needs no process group. `device` is 'cuda' or 'cpu' (default: `$MESHTRON_DEVICE`, else
+        cuda when available); each rank uses `cuda:LOCAL_RANK`, selected before NCCL initialises. The backend
+        is NCCL on cuda and gloo on the CPU."""
         shape = parse_mesh_spec(spec) if isinstance(spec, str) else dict(spec)
         world = int(os.environ.get("WORLD_SIZE", "1")) if not dist.is_initialized() else dist.get_world_size()
         mesh = cls(shape=shape)
@@ -117,20 +119,23 @@ class Mesh:
                 f"mesh {mesh.spec!r} needs {mesh.world_size} ranks ({plan}) but the world has {world}: "
                 f"start {mesh.world_size} ranks (e.g. torchrun --nproc_per_node={mesh.world_size}) "
                 f"or change the mesh so its sizes multiply to {world}")
-        use_cuda = torch.cuda.is_available() and backend != "gloo"
+        use_cuda = _use_cuda(device, backend)
+        if use_cuda:
+            local, gpus = int(os.environ.get("LOCAL_RANK", "0")), torch.cuda.device_count()
+            per_host = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("WORLD_SIZE", "1")))
+            if per_host > gpus:
+                raise ValueError(f"{per_host} ranks on this host but {gpus} CUDA device(s): NCCL needs one device "
+                                 f"per rank. Use a mesh of at most {gpus} ranks per host, or MESHTRON_DEVICE=cpu")
+            torch.cuda.set_device(local)               # before NCCL initialises: one device per rank
+            mesh.device = torch.device("cuda", local)
         if mesh.world_size == 1 and not dist.is_initialized():
             mesh.axes = {n: MeshAxis(n, 1, 0, None, (0,)) for n in shape}
-            mesh.device = torch.device("cuda", 0) if use_cuda else torch.device("cpu")
             return mesh
         timeout = datetime.timedelta(seconds=timeout_s or DEFAULT_TIMEOUT_S)
         if not dist.is_initialized():
             backend = backend or ("nccl" if use_cuda else "gloo")
-            _init_process_group(backend, timeout)
+            _init_process_group(backend, timeout, mesh.device if use_cuda else None)
         mesh.rank = dist.get_rank()
-        if use_cuda:
-            local = int(os.environ.get("LOCAL_RANK", mesh.rank % torch.cuda.device_count()))
-            torch.cuda.set_device(local)
-            mesh.device = torch.device("cuda", local)
         from torch.distributed.device_mesh import init_device_mesh
         mesh.device_mesh = init_device_mesh(mesh.device.type, tuple(shape.values()),
                                             mesh_dim_names=tuple(shape.keys()))
@@ -156,13 +161,30 @@ class Mesh:
         return f"Mesh({self.spec!r}, rank={self.rank}, coords={self.coords()})"
 
 
-def _init_process_group(backend: str, timeout: datetime.timedelta) -> None:
+def _use_cuda(device: str | None, backend: str | None) -> bool:
+    """Whether this mesh computes on CUDA: an explicit `device`, else `$MESHTRON_DEVICE`, else if available."""
+    choice = (device or os.environ.get("MESHTRON_DEVICE") or "").lower()
+    if choice not in ("", "cpu", "cuda"):
+        raise ValueError(f"device {choice!r} is unknown: use 'cpu' or 'cuda' (or leave it unset: cuda if available)")
+    if choice == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device 'cuda' was asked for but torch sees no CUDA device "
+                         f"(torch {torch.__version__}, built with CUDA {torch.version.cuda}); use 'cpu'")
+    if choice == "cuda" and backend == "gloo":
+        raise ValueError("backend 'gloo' with device 'cuda': meshtron's GPU groups use NCCL; drop the backend")
+    if choice:
+        return choice == "cuda"
+    return torch.cuda.is_available() and backend != "gloo"
+
+
+def _init_process_group(backend: str, timeout: datetime.timedelta, device: torch.device | None = None) -> None:
     """env:// initialisation, except after a torchrun restart: there each attempt rendezvouses under its own
     key prefix in the launcher's store, so restarted workers never read dead peers' addresses (the
-    connectFullMesh hang of pytorch issue 135712)."""
+    connectFullMesh hang of pytorch issue 135712). On CUDA the rank's device is bound to the group
+    (`device_id`), as NCCL recommends."""
+    kw = {"device_id": device} if device is not None else {}
     attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT")
     if attempt is None:
-        dist.init_process_group(backend=backend, timeout=timeout)
+        dist.init_process_group(backend=backend, timeout=timeout, **kw)
         return
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     use_agent_store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE", "").lower() == "true"
@@ -170,4 +192,4 @@ def _init_process_group(backend: str, timeout: datetime.timedelta) -> None:
                           is_master=(rank == 0 and not use_agent_store), timeout=timeout,
                           wait_for_workers=False)
     store = dist.PrefixStore(f"meshtron_attempt_{attempt}", store)
-    dist.init_process_group(backend=backend, store=store, rank=rank, world_size=world, timeout=timeout)
+    dist.init_process_group(backend=backend, store=store, rank=rank, world_size=world, timeout=timeout, **kw)

@@ -1,5 +1,6 @@
 """Every mesh computes the same model as one process: loss, full gradients and updated parameters over three
-optimizer steps with gradient accumulation and clipping, for both model families.
+optimizer steps with gradient accumulation (2 micro-batches), clipping and dropout (embedding, attention
+probabilities, residual branches: masks keyed by logical position), for both model families.
 
 Tolerance, float32: |got - ref| <= 1e-5 * |ref| + 1e-5 * max|REF|, where REF is all gradients (or all
 parameters) of that step: 1e-5 relative per element, and 1e-5 relative to the step's scale for entries near
@@ -19,9 +20,12 @@ from meshtron.models import ModelConfig, build_model
 from meshtron.parallel.sharding import full_state_dict
 from meshtron.train.step import TrainStep, local_rows
 
-GPT = ModelConfig("gpt", vocab_size=97, n_layer=2, n_head=4, d_model=32, max_seq_len=16)   # 97: prime vocab
-LLAMA = ModelConfig("llama", vocab_size=97, n_layer=2, n_head=8, n_kv_head=4, d_model=64, d_ff=96, max_seq_len=16)
+GPT = ModelConfig("gpt", vocab_size=97, n_layer=2, n_head=4, d_model=32, max_seq_len=16,   # 97: prime vocab
+                  dropout=0.1)
+LLAMA = ModelConfig("llama", vocab_size=97, n_layer=2, n_head=8, n_kv_head=4, d_model=64, d_ff=96, max_seq_len=16,
+                    dropout=0.1)
 LLAMA_KV2 = LLAMA.replace(n_head=4, n_kv_head=2)
+CONFIGS = {"gpt": GPT, "llama": LLAMA}
 GLOBAL_BATCH, SEQ, STEPS, MICRO = 8, 16, 3, 2
 MESHES = ["model:2", "batch:2", "batch:2,model:2", "model:4", "batch:4"]
 
@@ -39,7 +43,8 @@ def train_and_record(config, mesh_spec, rules=None, opt=None):
     model = build_model(config, mesh, rules, seed=7)
     trainer = TrainStep(model, mesh, **(opt or OPT))
     losses, grads, params = [], [], []
-    for batch in batches(config.vocab_size):
+    for step, batch in enumerate(batches(config.vocab_size)):
+        model.rng.reseed(step)
         loss = trainer.forward_backward(local_rows(batch, trainer.batch_axis))
         losses.append(trainer.global_loss(loss))
         grads.append(full_state_dict(model, mesh, grads=True))
@@ -51,10 +56,18 @@ def train_and_record(config, mesh_spec, rules=None, opt=None):
 _REFS = {}
 
 
-def reference(config):
-    if config not in _REFS:
-        _REFS[config] = train_and_record(config, "model:1")
-    return _REFS[config]
+def reference(config, opt=None):
+    key = (config, tuple(sorted((opt or {}).items())))
+    if key not in _REFS:
+        _REFS[key] = train_and_record(config, "model:1", None, opt)
+    return _REFS[key]
+
+
+def world_of(mesh_spec: str) -> int:
+    world = 1
+    for part in mesh_spec.split(","):
+        world *= int(part.split(":")[1])
+    return world
 
 
 def assert_tensors_close(got: dict, ref: dict, what: str, step: int):
@@ -77,11 +90,16 @@ def assert_same(ref, got):
 @pytest.mark.parametrize("mesh_spec", MESHES)
 @pytest.mark.parametrize("family", ["gpt", "llama"])
 def test_mesh_equals_single_process(family, mesh_spec):
-    config = GPT if family == "gpt" else LLAMA
-    world = 1
-    for part in mesh_spec.split(","):
-        world *= int(part.split(":")[1])
-    got = run_ranks(train_and_record, world, config, mesh_spec)[0]
+    config = CONFIGS[family]
+    got = run_ranks(train_and_record, world_of(mesh_spec), config, mesh_spec)[0]
+    assert_same(reference(config), got)
+
+
+@pytest.mark.parametrize("family", ["gpt", "llama"])
+def test_without_dropout_equals_single_process(family):
+    """Dropout 0 takes the fused attention kernel (scaled_dot_product_attention) instead of the explicit path."""
+    config = CONFIGS[family].replace(dropout=0.0)
+    got = run_ranks(train_and_record, 4, config, "batch:2,model:2")[0]
     assert_same(reference(config), got)
 
 
@@ -90,19 +108,58 @@ def test_gqa_kv_heads_equal_model_axis():
     assert_same(reference(LLAMA_KV2), got)
 
 
-def test_reference_clips_and_moves():
-    """The reference itself must exercise clipping and change every parameter, or the comparison is weak."""
+def test_vocab_replicated_layout_equals_single_process():
+    """A non-default layout: the vocabulary (embedding, head, loss) replicated over the model axis."""
+    got = run_ranks(train_and_record, 4, GPT, "batch:2,model:2", "batch:batch;heads:model;d_ff:model")[0]
+    assert_same(reference(GPT), got)
+
+
+def test_bf16_autocast_with_dropout_equals_single_process():
+    """bf16 autocast (float32 master weights and gradients) with dropout on batch:2,model:2 against one process
+    under the same autocast. bf16 keeps 8 mantissa bits, and the model axis splits each GEMM's reduction (and the
+    row-parallel partial sums are rounded to bf16 before the all-reduce), so results agree to bf16 precision,
+    not float32's: per step the loss to 1e-2 relative, each gradient to 5% of its tensor's norm, and each
+    parameter update to 5% of its norm plus 2% of the step's largest update per element (Adam turns the
+    rounding noise of GPT-2's key-bias gradient, zero in exact arithmetic, into updates of any sign). A wrong
+    mask or layer is off by O(1) of the norm."""
+    opt = {**OPT, "bf16": True}
+    ref_losses, ref_grads, ref_params = reference(GPT, opt)
+    losses, grads, params = run_ranks(train_and_record, 4, GPT, "batch:2,model:2", None, opt)[0]
+    torch.testing.assert_close(torch.tensor(losses), torch.tensor(ref_losses), rtol=1e-2, atol=0)
+    init = _initial_weights(GPT, "model:1", seed=7)
+    worst = {"loss": (torch.tensor(losses) / torch.tensor(ref_losses) - 1).abs().max().item(), "grad": 0, "update": 0}
+    for step in range(STEPS):
+        before = init if step == 0 else ref_params[step - 1]
+        updates = {n: ref_params[step][n] - before[n] for n in before}
+        largest = max(u.abs().max().item() for u in updates.values())
+        for name in ref_grads[step]:
+            g, r = grads[step][name], ref_grads[step][name]
+            assert (g - r).norm() <= 5e-2 * r.norm() + 1e-6, (step, name, ((g - r).norm() / r.norm()).item())
+            du, dr = params[step][name] - before[name], updates[name]
+            floor = 2e-2 * largest * dr.numel() ** 0.5
+            assert (du - dr).norm() <= 5e-2 * dr.norm() + floor, (step, name, (du - dr).norm().item(), floor)
+            worst["grad"] = max(worst["grad"], ((g - r).norm() / r.norm().clamp(min=1e-6)).item())
+            worst["update"] = max(worst["update"], ((du - dr).norm() / (dr.norm() + floor)).item())
+    print("bf16 relative errors:", worst)
+
+
+def test_reference_clips_drops_and_moves():
+    """The reference itself must exercise clipping, dropout and change every parameter, or the comparison
+    is weak."""
     losses, grads, params = reference(GPT)
     norm = sum(g.pow(2).sum() for g in grads[0].values()).sqrt().item()
     assert norm > 0.05  # the clip threshold: clipping is active
     init = build_model(GPT, Mesh.from_spec("model:1"), seed=7)
     for name, p in init.named_parameters():
         assert not torch.equal(p.data, params[-1][name]), name
+    no_dropout = reference(GPT.replace(dropout=0.0))
+    assert abs(no_dropout[0][0] - losses[0]) > 1e-3      # dropout changes the loss ...
+    assert not torch.equal(no_dropout[1][0]["wte.weight"], grads[0]["wte.weight"])   # ... and the gradients
 
 
-def _initial_weights(config, mesh_spec):
+def _initial_weights(config, mesh_spec, seed=11):
     mesh = Mesh.from_spec(mesh_spec)
-    return full_state_dict(build_model(config, mesh, seed=11), mesh)
+    return full_state_dict(build_model(config, mesh, seed=seed), mesh)
 
 
 @pytest.mark.parametrize("family", ["gpt", "llama"])

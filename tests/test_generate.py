@@ -11,7 +11,7 @@ import importlib.util
 import pytest
 import torch
 
-from meshtron.inference import Engine, Request, SamplingParams, TextStream, generate
+from meshtron.inference import Engine, Request, SamplingParams, TextStream, generate, sample_ids
 from meshtron.inference.sampling import sample
 from meshtron.interop import build_from_hf
 from meshtron.launch import run_ranks
@@ -72,7 +72,7 @@ def test_greedy_equals_transformers_one_rank(hf, family):
     assert _tokens(model, PROMPTS, GREEDY) == want                       # left-padded batch
     assert _tokens(model, PROMPTS, GREEDY, max_batch=2) == want          # continuous batching: rows join and leave
     assert [ev.token for ev in Engine(model).stream([Request("a", PROMPTS[0], GREEDY)])] == want[0]
-    assert model.generate(torch.tensor([PROMPTS[0]]), NEW, temperature=0)[0, len(PROMPTS[0]):].tolist() == want[0]
+    assert sample_ids(model, torch.tensor([PROMPTS[0]]), NEW, temperature=0)[0, len(PROMPTS[0]):].tolist() == want[0]
 
 
 @pytest.mark.parametrize("family", ["gpt2", "llama"])

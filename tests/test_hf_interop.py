@@ -16,6 +16,7 @@ import torch
 
 from meshtron.interop import (HFConfigError, build_from_hf, config_from_hf, export_hf, load_hf_into,
                               read_hf, tokenizer_files)
+from meshtron.inference import sample_ids
 from meshtron.launch import run_ranks
 from meshtron.mesh import Mesh
 from meshtron.models import build_model
@@ -145,7 +146,7 @@ def test_greedy_generation(hf, name):
     with torch.no_grad():
         want = original.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=10,
                                  do_sample=False, pad_token_id=0)
-    got = build_from_hf(path, Mesh.from_spec("model:1")).eval().generate(prompt, 10, temperature=0)
+    got = sample_ids(build_from_hf(path, Mesh.from_spec("model:1")).eval(), prompt, 10, temperature=0)
     assert torch.equal(got, want), f"meshtron {got.tolist()} != transformers {want.tolist()}"
 
 

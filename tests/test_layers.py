@@ -1,4 +1,4 @@
-"""Single layers against plain PyTorch, and the dropout streams across the model axis."""
+"""Single layers against plain PyTorch; dropout masks and initial values as functions of logical position."""
 import torch
 import torch.nn.functional as F
 
@@ -6,7 +6,8 @@ from meshtron.launch import run_ranks
 from meshtron.mesh import Mesh
 from meshtron.models import ModelConfig, build_model
 from meshtron.parallel.cross_entropy import IGNORE_INDEX, vocab_parallel_cross_entropy
-from meshtron.parallel.random import DropoutRNG, dropout
+from meshtron.comm import collectives as C
+from meshtron.parallel.random import ATTENTION_OUT, ATTENTION_PROBS, MLP_OUT, DropoutRNG, dropout, normal_
 
 
 def test_cross_entropy_matches_torch_one_rank():
@@ -47,34 +48,81 @@ def test_cross_entropy_vocab_split_unevenly():
     torch.testing.assert_close(torch.cat([results[0][1], results[1][1]], dim=1), full.grad)
 
 
-def _dropout_masks():
-    mesh = Mesh.from_spec("model:2")
-    rng = DropoutRNG(seed=3, model_coord=mesh.axis("model").coord)
-    x = torch.ones(4, 8)
-    return dropout(x, 0.5, rng.replicated, True), dropout(x, 0.5, rng.parallel, True)
+def test_dropout_mask_is_a_function_of_logical_position():
+    """A rank's block of a mask (its batch rows, its heads) is the same block of the one-process mask."""
+    rng, T = DropoutRNG(seed=3), 7                       # 7: the last dimension is not a multiple of 4
+    rng.reseed(5)
+    full = rng.mask(2, ATTENTION_PROBS, (8, 4, T, T), p=0.3)
+    rng.at_row(4)
+    block = rng.mask(2, ATTENTION_PROBS, (4, 2, T, T), offsets=(2, 0, 0), full=(4, T, T), p=0.3)
+    assert torch.equal(block, full[4:8, 2:4])
+    rng.at_row(0)
+    resid = rng.mask(2, MLP_OUT, (8, T, 16), p=0.3)
+    rng.at_row(6)                                        # another split of the same rows (micro-batches, replicas)
+    assert torch.equal(rng.mask(2, MLP_OUT, (2, T, 16), p=0.3), resid[6:8])
 
 
-def test_dropout_replicated_identical_parallel_distinct():
-    (rep0, par0), (rep1, par1) = run_ranks(_dropout_masks, 2)
-    assert torch.equal(rep0, rep1)          # replicated activations: same mask on every model-axis rank
-    assert not torch.equal(par0, par1)      # split activations: per-rank stream
+def test_dropout_masks_differ_by_row_step_layer_and_site():
+    rng = DropoutRNG(seed=3)
+    m = rng.mask(0, MLP_OUT, (4, 16, 32), p=0.5)
+    assert all(not torch.equal(m[i], m[j]) for i in range(4) for j in range(i))   # no correlated replicas
+    assert not torch.equal(m, rng.mask(1, MLP_OUT, (4, 16, 32), p=0.5))
+    assert not torch.equal(m, rng.mask(0, ATTENTION_OUT, (4, 16, 32), p=0.5))
+    assert not torch.equal(m, DropoutRNG(seed=4).mask(0, MLP_OUT, (4, 16, 32), p=0.5))
+    rng.reseed(1)
+    assert not torch.equal(m, rng.mask(0, MLP_OUT, (4, 16, 32), p=0.5))
 
 
-def _dropout_train(mesh_spec):
+def test_dropout_keep_rate_and_gradient():
+    rng = DropoutRNG(seed=0)
+    m = rng.mask(0, MLP_OUT, (64, 128, 128), p=0.1)
+    assert abs(m.float().mean().item() - 0.9) < 2e-3
+    assert (m.float().mean(dim=(0, 1)) - 0.9).abs().max() < 0.02           # every feature, every lane of a hash
+    x = torch.randn(2, 8, 12, requires_grad=True)
+    y = dropout(x, 0.25, rng, 0, MLP_OUT, True)
+    keep = rng.mask(0, MLP_OUT, (2, 8, 12), p=0.25)
+    torch.testing.assert_close(y, x.detach() * keep / 0.75)
+    y.sum().backward()
+    torch.testing.assert_close(x.grad, keep.float() / 0.75)
+    assert dropout(x, 0.25, rng, 0, MLP_OUT, False) is x
+
+
+def test_initialisation_draws_only_the_local_slice():
+    """A shard's initial values are its slice of the one-process tensor, whichever dimension is split."""
+    full = normal_(torch.empty(10, 6, dtype=torch.float64), key=17, offsets=(0, 0), full=(10, 6), std=0.5)
+    rows = normal_(torch.empty(4, 6, dtype=torch.float64), key=17, offsets=(5, 0), full=(10, 6), std=0.5)
+    cols = normal_(torch.empty(10, 3, dtype=torch.float64), key=17, offsets=(0, 3), full=(10, 6), std=0.5)
+    assert torch.equal(rows, full[5:9]) and torch.equal(cols, full[:, 3:])
+    big = normal_(torch.empty(1000, 1000), key=1, offsets=(0, 0), full=(1000, 1000), std=0.02, chunk=1 << 16)
+    assert abs(big.mean().item()) < 1e-4 and abs(big.std().item() - 0.02) < 1e-4
+
+
+def _dropout_grads(mesh_spec):
+    """The full gradients of one dropout forward/backward, as the trainer places the rows."""
+    from meshtron.parallel.sharding import full_state_dict
+    from meshtron.train.step import local_rows
     mesh = Mesh.from_spec(mesh_spec)
     cfg = ModelConfig("gpt", vocab_size=50, n_layer=1, n_head=2, d_model=16, max_seq_len=8, dropout=0.2)
     model = build_model(cfg, mesh, seed=1)
     model.train()
-    ids = torch.randint(0, 50, (2, 9), generator=torch.Generator().manual_seed(0))
-    loss = model(ids[:, :-1], ids[:, 1:])
+    ids = torch.randint(0, 50, (4, 9), generator=torch.Generator().manual_seed(0))
+    batch_axis = model.layout.axis("batch")
+    rows = local_rows(ids, batch_axis)
+    model.rng.at_row(batch_axis.coord * rows.shape[0])
+    loss = model(rows[:, :-1], rows[:, 1:]) * rows.shape[0] / ids.shape[0]
     loss.backward()
-    return loss.item()
+    grads = full_state_dict(model, mesh, grads=True)
+    return {k: C.all_reduce(v, batch_axis.group) for k, v in grads.items()}
 
 
-def test_dropout_model_trains_consistently_across_model_axis():
-    """With dropout on, the model-axis ranks still agree on the loss (replicated masks are identical)."""
-    a, b = run_ranks(_dropout_train, 2, "model:2")
-    assert a == b
+def test_dropout_gradients_are_the_same_on_every_mesh():
+    """Replaces a check that compared a loss every rank agrees on by construction: the gradients themselves,
+    which differ if any rank's mask differs from its block of the one-process mask."""
+    ref = _dropout_grads("model:1")
+    for mesh_spec, world in (("model:2", 2), ("batch:2", 2)):
+        for got in run_ranks(_dropout_grads, world, mesh_spec):
+            for name in ref:
+                torch.testing.assert_close(got[name], ref[name], rtol=1e-5, atol=1e-7, msg=f"{mesh_spec} {name}")
 
 
 def test_same_logical_model_on_every_mesh_one_rank():

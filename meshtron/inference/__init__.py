@@ -3,6 +3,7 @@ from meshtron.inference.engine import Completion, Engine, Event, Request, genera
 from meshtron.inference.kv_cache import KVCache
 from meshtron.inference.sampling import SamplingParams
 from meshtron.inference.text import TextStream
+from meshtron.inference.window import sample_ids
 
 __all__ = ["Completion", "Engine", "Event", "Request", "generate", "model_eos_ids", "KVCache", "SamplingParams",
-           "TextStream"]
+           "TextStream", "sample_ids"]

@@ -31,6 +31,8 @@ class ModelConfig:
             raise ValueError(f"model family {self.family!r} is unknown; use 'gpt' or 'llama'")
         if self.d_model % self.n_head:
             raise ValueError(f"d_model={self.d_model} is not divisible by n_head={self.n_head}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout={self.dropout} must be in [0, 1): it is the probability of zeroing a unit")
         if self.kv_heads > self.n_head or self.n_head % self.kv_heads:
             raise ValueError(f"n_head={self.n_head} must be a multiple of n_kv_head={self.kv_heads}")
 

@@ -2,7 +2,8 @@
 attention, untied input and output embeddings, no biases.
 
 Invariant: the same code builds the model for every mesh; the layout decides what is split. No collective
-is called here: the parallel layers communicate.
+is called here: the parallel layers communicate. Dropout (when configured: attention probabilities and the
+residual branches) is keyed by layer and logical position only.
 """
 from __future__ import annotations
 
@@ -11,43 +12,41 @@ import math
 import torch
 from torch import nn
 
-from meshtron.layout import Layout, LayoutRules
-from meshtron.mesh import Mesh
+from meshtron.layout import Layout
 from meshtron.models.base import CausalLM
 from meshtron.models.config import ModelConfig
 from meshtron.parallel import ParallelAttention, ParallelMLP, RMSNorm, Rotary, VocabParallelEmbedding
 from meshtron.parallel.lm_head import VocabParallelHead
-from meshtron.parallel.random import DropoutRNG, dropout
+from meshtron.parallel.random import ATTENTION_OUT, MLP_OUT, DropoutRNG, dropout
 
 
 class Block(nn.Module):
-    def __init__(self, cfg: ModelConfig, layout: Layout, rng: DropoutRNG, rotary: Rotary):
+    def __init__(self, cfg: ModelConfig, layout: Layout, rng: DropoutRNG, rotary: Rotary, layer: int):
         super().__init__()
         std, out_std = cfg.init_std, cfg.init_std / math.sqrt(2 * cfg.n_layer)
         self.attn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.attn = ParallelAttention(cfg.d_model, cfg.n_head, cfg.kv_heads, layout.axis("heads"), bias=False,
-                                      std=std, out_std=out_std, dropout_p=cfg.dropout, rng=rng, rotary=rotary)
+                                      std=std, out_std=out_std, dropout_p=cfg.dropout, rng=rng, rotary=rotary,
+                                      layer=layer)
         self.mlp_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.mlp = ParallelMLP(cfg.d_model, cfg.ffn_dim, layout.axis("d_ff"), activation="swiglu", bias=False,
                                std=std, out_std=out_std)
-        self.p, self.rng = cfg.dropout, rng
+        self.p, self.rng, self.layer = cfg.dropout, rng, layer
 
     def forward(self, x: torch.Tensor, cache=None) -> torch.Tensor:
-        x = x + dropout(self.attn(self.attn_norm(x), cache), self.p, self.rng.replicated, self.training)
-        return x + dropout(self.mlp(self.mlp_norm(x)), self.p, self.rng.replicated, self.training)
+        rng, p, i, on = self.rng, self.p, self.layer, self.training
+        x = x + dropout(self.attn(self.attn_norm(x), cache), p, rng, i, ATTENTION_OUT, on)
+        return x + dropout(self.mlp(self.mlp_norm(x)), p, rng, i, MLP_OUT, on)
 
 
 class Llama(CausalLM):
-    def __init__(self, config: ModelConfig, mesh: Mesh, rules: LayoutRules | str | None = None, seed: int = 0):
-        super().__init__(config, mesh, rules, seed)
-        cfg, layout = config, self.layout
+    def build(self, cfg: ModelConfig, layout: Layout) -> None:
         self.rotary = Rotary(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta)
         self.embed = VocabParallelEmbedding(cfg.vocab_size, cfg.d_model, layout.axis("vocab"), std=cfg.init_std)
-        self.blocks = nn.ModuleList(Block(cfg, layout, self.rng, self.rotary) for _ in range(cfg.n_layer))
+        self.blocks = nn.ModuleList(Block(cfg, layout, self.rng, self.rotary, i) for i in range(cfg.n_layer))
         self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.head = VocabParallelHead(cfg.d_model, cfg.vocab_size, layout.axis("vocab"), std=cfg.init_std,
                                       tied=self.embed if cfg.tied else None)
-        self.finish_init()
 
     def hidden(self, idx: torch.Tensor, cache=None) -> torch.Tensor:
         """`cache` (a KVCache, for decoding): rotary positions come from it, keys and values go into it."""

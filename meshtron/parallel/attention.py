@@ -17,14 +17,14 @@ from torch import nn
 
 from meshtron.mesh import MeshAxis
 from meshtron.parallel.linear import ColumnParallelLinear, RowParallelLinear, column_parallel_group
-from meshtron.parallel.random import DropoutRNG, dropout
+from meshtron.parallel.random import ATTENTION_PROBS, DropoutRNG, dropout
 from meshtron.parallel.rotary import Rotary
 
 
 class ParallelAttention(nn.Module):
     def __init__(self, d_model: int, n_head: int, n_kv_head: int, axis: MeshAxis, *, bias: bool,
                  std: float, out_std: float, dropout_p: float = 0.0, rng: DropoutRNG | None = None,
-                 rotary: Rotary | None = None):
+                 rotary: Rotary | None = None, layer: int = 0):
         super().__init__()
         for name, n in (("heads", n_head), ("kv_heads", n_kv_head)):
             if n % axis.size:
@@ -36,7 +36,7 @@ class ParallelAttention(nn.Module):
         self.k_proj = ColumnParallelLinear(d_model, kv_dim, axis, bias=bias, std=std)
         self.v_proj = ColumnParallelLinear(d_model, kv_dim, axis, bias=bias, std=std)
         self.o_proj = RowParallelLinear(d_model, d_model, axis, bias=bias, std=out_std)
-        self.dropout_p, self.rng = dropout_p, rng
+        self.dropout_p, self.rng, self.layer, self.n_head = dropout_p, rng, layer, n_head
         self.rotary = [rotary]  # shared module, kept out of this module's children
 
     def forward(self, x: torch.Tensor, cache=None) -> torch.Tensor:
@@ -69,7 +69,7 @@ class ParallelAttention(nn.Module):
         gqa = self.n_kv_local != self.n_local
         if not (self.training and self.dropout_p > 0):
             return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
-        # dropout on attention probabilities: split over heads, so drawn from the per-rank stream
+        # dropout on attention probabilities (B, h_local, T, T): this rank's heads of the logical mask
         if gqa:
             rep = self.n_local // self.n_kv_local
             k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
@@ -77,5 +77,7 @@ class ParallelAttention(nn.Module):
         att = (q @ k.transpose(-2, -1)) / math.sqrt(self.head_dim)
         mask = torch.ones(T, T, dtype=torch.bool, device=q.device).tril()
         att = att.masked_fill(~mask, float("-inf")).softmax(dim=-1)
-        att = dropout(att, self.dropout_p, self.rng.parallel, True)
+        head0 = self.axis.coord * self.n_local
+        att = dropout(att, self.dropout_p, self.rng, self.layer, ATTENTION_PROBS, True,
+                      offsets=(head0, 0, 0), full=(self.n_head, T, T))
         return att @ v

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from meshtron.comm import collectives as C
-from meshtron.comm.ops import gather_from_parallel, reduce_from_parallel
+from meshtron.comm.ops import reduce_from_parallel
 from meshtron.mesh import MeshAxis
 from meshtron.parallel.sharding import make_param, replicated_spec, split_spec
 
@@ -76,19 +76,18 @@ class ColumnParallelLinear(nn.Module):
     """Y = X·Aᵀ with A split by output features; its input enters through `f` (one all-reduce in backward)."""
 
     def __init__(self, in_features: int, out_features: int, axis: MeshAxis, *, bias: bool = True,
-                 std: float = 0.02, gather_output: bool = False):
+                 std: float = 0.02):
         super().__init__()
         if out_features % axis.size:
             raise ValueError(f"ColumnParallelLinear: {out_features} output features do not split over "
                              f"axis {axis.name!r} of size {axis.size}")
-        self.axis, self.gather_output = axis, gather_output
+        self.axis = axis
         self.weight = make_param(split_spec((out_features, in_features), 0, axis, std=std))
         self.bias = make_param(split_spec((out_features,), 0, axis, init="zeros", decay=False)) if bias else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         biases = () if self.bias is None else (self.bias,)
-        y = copy_then_linear(x, (self.weight,), biases, self.axis)   # (..., out_features / t)
-        return gather_from_parallel(y, self.axis) if self.gather_output else y
+        return copy_then_linear(x, (self.weight,), biases, self.axis)   # (..., out_features / t)
 
 
 def column_parallel_group(x: torch.Tensor, layers: Sequence[ColumnParallelLinear]) -> tuple[torch.Tensor, ...]:

@@ -1,37 +1,170 @@
-"""Dropout random streams (Megatron's RNG tracker, without global state).
+"""Counter-based randomness keyed by logical position: dropout masks and initial weights.
 
-Invariant: `replicated` draws the same masks on every rank of the model axis (activations there are
-replicated: all ranks must drop the same units); `parallel` is a per-rank stream seeded with
-seed + 2718 + model-axis coordinate, for activations split across the axis (attention probabilities).
+Invariant: every random number is a pure function of a key (seed, what it is for) and the *logical* index of
+the element it belongs to in the full, unsplit tensor: never of the mesh, the rank, the micro-batch split, or
+how many numbers were drawn before. So each rank evaluates exactly its own slice, on its own device, and every
+layout (and a run resumed anywhere) sees the same numbers as one process.
+
+The generator is SplitMix64's output function (Steele et al. 2014): state = key + index * golden, then the
+64-bit finaliser (two multiply-xorshift rounds). It is evaluated with int64 tensor arithmetic, which wraps
+modulo 2**64 on CPU and CUDA alike; right shifts are masked to be logical. A dropout mask packs four 16-bit
+uniforms into each 64-bit hash along the last dimension, so a mask costs a quarter of a hash per element.
+
+Dropout positions: `DropoutRNG` holds the seed and the trainer's position — the optimizer step and the global
+row of the first sequence of the current micro-batch — and each dropout site names its layer and kind, so a
+mask element is keyed by (seed, step, layer, site, global row, position, head or feature).
 """
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass
+
 import torch
+
+_M64 = (1 << 64) - 1
+_GOLDEN = 0x9E3779B97F4A7C15
+_MIX1, _MIX2 = 0xBF58476D1CE4E5B9, 0x94D049BB133111EB
+
+
+def _signed(x: int) -> int:
+    x &= _M64
+    return x - (1 << 64) if x >= 1 << 63 else x
+
+
+def _mix_int(z: int) -> int:
+    z &= _M64
+    z = ((z ^ (z >> 30)) * _MIX1) & _M64
+    z = ((z ^ (z >> 27)) * _MIX2) & _M64
+    return z ^ (z >> 31)
+
+
+def fold_key(*parts: int) -> int:
+    """A 64-bit key from integers (Python-side, exact): each part is absorbed by one SplitMix64 step."""
+    z = 0x6A09E667F3BCC908
+    for p in parts:
+        z = _mix_int(z + _GOLDEN + (int(p) & _M64))
+    return _signed(z)
+
+
+def hash64(index: torch.Tensor, key: int) -> torch.Tensor:
+    """SplitMix64 of `key + index * golden`, elementwise over an int64 tensor (the input is consumed)."""
+    z = index.mul_(_signed(_GOLDEN)).add_(key)
+    for shift, mult in ((30, _MIX1), (27, _MIX2)):
+        z ^= (z >> shift) & ((1 << (64 - shift)) - 1)
+        z.mul_(_signed(mult))
+    z ^= (z >> 31) & ((1 << 33) - 1)
+    return z
+
+
+def logical_index(shape, offsets, full, device, group: int = 1) -> torch.Tensor:
+    """The row-major linear index, in the full tensor of shape `full`, of each element of the local block of
+    `shape` that starts at `offsets`. With `group` > 1 the last dimension is counted in groups of `group`
+    elements (the block must span it whole): the result's last dimension is ceil(n / group)."""
+    shape, offsets, full = list(shape), list(offsets), list(full)
+    if group > 1:
+        if offsets[-1] != 0 or shape[-1] != full[-1]:
+            raise ValueError("a grouped last dimension must be whole on every rank")
+        shape[-1] = full[-1] = -(-full[-1] // group)
+    idx = torch.zeros((), dtype=torch.int64, device=device)
+    stride = 1
+    for d in range(len(shape) - 1, -1, -1):
+        coord = torch.arange(offsets[d], offsets[d] + shape[d], dtype=torch.int64, device=device) * stride
+        idx = idx + coord.view([-1 if i == d else 1 for i in range(len(shape))])
+        stride *= full[d]
+    return idx
+
+
+def keep_mask(key: int, shape, offsets, full, p: float, device) -> torch.Tensor:
+    """Bool mask of the local block (True: keep), each element kept with probability 1 - round(p * 2**16) / 2**16."""
+    idx = logical_index(shape, offsets, full, device, group=4)
+    bits = hash64(idx, key).view(torch.int16)               # four 16-bit uniforms per hash, little-endian lanes
+    threshold = round(p * 65536) - 32768
+    return bits[..., : shape[-1]] >= threshold
+
+
+def normal_(t: torch.Tensor, key: int, offsets, full, std: float, chunk: int = 1 << 22) -> torch.Tensor:
+    """Fill `t` (the block of the full tensor at `offsets`) with N(0, std²) by Box-Muller on one hash per element,
+    in float64, chunked along dim 0 to bound the temporaries."""
+    if t.numel() == 0:
+        return t
+    rows = max(1, chunk // max(1, t[0].numel())) if t.dim() else 1
+    flat = t.view(1, *t.shape) if t.dim() == 0 else t
+    offsets, full = ([0], [1]) if t.dim() == 0 else (list(offsets), list(full))
+    for r0 in range(0, flat.shape[0], rows):
+        block = flat[r0:r0 + rows]
+        z = hash64(logical_index(block.shape, [offsets[0] + r0] + offsets[1:], full, t.device), key)
+        hi = ((z >> 32) & 0xFFFFFFFF).double().add_(0.5).mul_(2.0 ** -32)     # (0, 1)
+        lo = (z & 0xFFFFFFFF).double().mul_(2.0 ** -32)                       # [0, 1)
+        n = hi.log_().mul_(-2.0).sqrt_().mul_(torch.cos(lo.mul_(2 * math.pi))).mul_(std)
+        block.copy_(n)
+    return t
+
+
+# dropout sites within a layer
+EMBEDDING, ATTENTION_PROBS, ATTENTION_OUT, MLP_OUT = 0, 1, 2, 3
+
+
+@dataclass(frozen=True)
+class DropoutPosition:
+    """Where the trainer is: the optimizer step, and the global batch row of the micro-batch's first sequence."""
+    step: int = 0
+    row: int = 0
 
 
 class DropoutRNG:
-    def __init__(self, seed: int, model_coord: int = 0):
-        self.seed, self.model_coord = seed, model_coord
-        self.replicated, self.parallel = torch.Generator(), torch.Generator()
-        self.reseed(0)
+    """The seed of a model's dropout and the current `position`; masks come from `mask` (see the module)."""
+
+    def __init__(self, seed: int):
+        self.seed = seed
+        self.position = DropoutPosition()
 
     def reseed(self, step: int) -> None:
-        """Streams are a function of (seed, step): a resumed run draws the masks an uninterrupted one would."""
-        base = self.seed * 1_000_003 + step * 7919
-        self.replicated.manual_seed(base)
-        self.parallel.manual_seed(base + 2718 + self.model_coord)
+        """Masks of optimizer step `step` (a resumed run draws the masks an uninterrupted one would)."""
+        self.position = DropoutPosition(step, self.position.row)
 
-    def state(self) -> dict:
-        return {"replicated": self.replicated.get_state(), "parallel": self.parallel.get_state()}
+    def at_row(self, row: int) -> None:
+        """The local batch's first sequence is row `row` of the step's global batch."""
+        self.position = DropoutPosition(self.position.step, row)
 
-    def load_state(self, state: dict) -> None:
-        self.replicated.set_state(state["replicated"])
-        self.parallel.set_state(state["parallel"])
+    def key(self, layer: int, site: int, position: DropoutPosition | None = None) -> int:
+        pos = position or self.position
+        return fold_key(self.seed, pos.step, layer, site)
+
+    def mask(self, layer: int, site: int, shape, offsets=None, full=None, p: float = 0.0, device=None,
+             position: DropoutPosition | None = None) -> torch.Tensor:
+        """Keep-mask of a local block whose dim 0 is batch rows; `offsets`/`full` describe dims 1.. (default:
+        this rank holds them whole)."""
+        pos = position or self.position
+        inner = list(shape[1:])
+        offsets = [pos.row] + list(offsets if offsets is not None else [0] * len(inner))
+        full = [pos.row + shape[0]] + list(full if full is not None else inner)
+        return keep_mask(self.key(layer, site, pos), shape, offsets, full, p, device)
 
 
-def dropout(x: torch.Tensor, p: float, generator: torch.Generator, training: bool) -> torch.Tensor:
-    """Inverted dropout drawing its mask from `generator` (CPU generator; the mask moves to x's device)."""
+class _Dropout(torch.autograd.Function):
+    """y = x * mask / (1 - p); saves only the one-byte mask for backward. (Multiplying by the mask viewed as
+    uint8 takes a vectorised path that a bool operand does not: 4x faster on this CPU.)"""
+
+    @staticmethod
+    def forward(ctx, x, mask, scale):
+        keep = mask.view(torch.uint8)
+        ctx.save_for_backward(keep)
+        ctx.scale = scale
+        return torch.mul(x, keep).mul_(scale)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (keep,) = ctx.saved_tensors
+        return torch.mul(grad, keep).mul_(ctx.scale), None, None
+
+
+def dropout(x: torch.Tensor, p: float, rng: DropoutRNG | None, layer: int, site: int, training: bool,
+            offsets=None, full=None) -> torch.Tensor:
+    """Inverted dropout of `x` (dim 0: batch rows) with the mask of (layer, site) at the rng's position.
+    `offsets` and `full` place this rank's block of dims 1.. in the logical tensor (heads split, sequence split)."""
     if not training or p == 0.0:
         return x
-    keep = torch.empty(x.shape, dtype=torch.float32).bernoulli_(1.0 - p, generator=generator)
-    return x * keep.to(device=x.device, dtype=x.dtype) / (1.0 - p)
+    if rng is None:
+        raise ValueError("dropout needs the model's DropoutRNG")
+    mask = rng.mask(layer, site, x.shape, offsets, full, p, x.device)
+    return _Dropout.apply(x, mask, 1.0 / (1.0 - p))

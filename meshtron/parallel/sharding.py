@@ -2,9 +2,10 @@
 
 Invariant: every parameter of a meshtron model carries `param.shard` (a `ShardSpec`): its logical
 (unpadded) full shape, the dimension split over which mesh axis (or none: replicated), the padded size
-of that dimension, and how to initialise the full tensor. Initialisation draws the *full* logical tensor
-from a generator seeded by (seed, parameter name) and keeps this rank's slice, so a seed gives the same
-logical model on every mesh. Gathering, loading, clipping and checkpoints read only this metadata.
+of that dimension, and how to initialise the full tensor. Initialisation keys each element's random number
+by (seed, parameter name, logical index) (`meshtron.parallel.random`), so every rank draws only its own
+slice, on its own device, and a seed gives the same logical model on every mesh. Gathering, loading,
+clipping and checkpoints read only this metadata.
 """
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from torch import nn
 
 from meshtron.comm import collectives as C
 from meshtron.mesh import Mesh, MeshAxis
+from meshtron.parallel.random import fold_key, normal_
 
 
 @dataclass(frozen=True)
@@ -52,6 +54,7 @@ class ShardSpec:
 
 
 def make_param(spec: ShardSpec) -> nn.Parameter:
+    """An uninitialised parameter of the local shape, on the default device (the model's: see CausalLM)."""
     p = nn.Parameter(torch.empty(spec.local_shape()))
     p.shard = spec
     return p
@@ -79,13 +82,13 @@ def local_slice(full: torch.Tensor, spec: ShardSpec) -> torch.Tensor:
     return full.narrow(spec.split_dim, start, end - start)
 
 
-def _seed_for(seed: int, name: str) -> int:
-    return (seed * 1_000_003 + zlib.crc32(name.encode())) % (2**63 - 1)
+def param_key(seed: int, name: str) -> int:
+    return fold_key(seed, zlib.crc32(name.encode()))
 
 
 @torch.no_grad()
 def init_parameters(model: nn.Module, seed: int) -> None:
-    """Draw each full logical parameter from its own seeded generator, keep this rank's shard."""
+    """Fill each parameter's local shard with its slice of the seeded logical tensor (padding rows zero)."""
     for name, p in model.named_parameters():
         spec: ShardSpec = p.shard
         if spec.init == "zeros":
@@ -94,9 +97,14 @@ def init_parameters(model: nn.Module, seed: int) -> None:
         if spec.init == "ones":
             p.fill_(1.0)
             continue
-        g = torch.Generator().manual_seed(_seed_for(seed, name))
-        full = torch.empty(spec.full_shape).normal_(0.0, spec.std, generator=g)
-        p.copy_(local_slice(full, spec))
+        offsets = [0] * len(spec.full_shape)
+        real = p
+        if spec.split_dim is not None:
+            offsets[spec.split_dim] = spec.local_range()[0]
+            valid = spec.local_valid()
+            p.narrow(spec.split_dim, valid, p.shape[spec.split_dim] - valid).zero_()
+            real = p.narrow(spec.split_dim, 0, valid)
+        normal_(real, param_key(seed, name), offsets, spec.full_shape, spec.std)
 
 
 def gather_full(tensor: torch.Tensor, spec: ShardSpec, mesh: Mesh) -> torch.Tensor:

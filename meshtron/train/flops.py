@@ -2,14 +2,17 @@
 
 Invariant: MFU = tokens/s x model FLOPs per token / peak FLOP/s of *all* the hardware the run occupies (every GPU,
 or every core of every CPU machine). Model FLOPs count the logical model's GEMMs only (no recompute, no vocabulary
-padding), as in PaLM (Chowdhery et al. 2022, appendix B). A CPU peak is measured once by a short GEMM and cached
-in `~/.cache/meshtron/peak_flops.json`; a user's `--peak-tflops` replaces it.
+padding), as in PaLM (Chowdhery et al. 2022, appendix B). A GPU's peak is its datasheet's dense tensor-core peak
+for the run's GEMM dtype (`GPU_PEAK_TFLOPS`, keyed by `torch.cuda.get_device_name`); a CPU's (or an unknown GPU's)
+is measured once by a short GEMM and cached in `~/.cache/meshtron/peak_flops.json`; a user's `--peak-tflops`
+replaces either.
 """
 from __future__ import annotations
 
 import json
 import os
 import platform
+import re
 import tempfile
 import time
 
@@ -55,6 +58,40 @@ def mfu(tokens_per_s: float, flops_per_token: float, peak_flops_total: float) ->
 
 
 # --- peak FLOP/s ---------------------------------------------------------------------------------------------
+
+# Dense (no sparsity) peak TFLOP/s per GPU from NVIDIA's datasheets: (bf16, tf32, fp32). The first pattern that
+# matches the device name wins, so the more specific names come first. None: the GPU has no such tensor cores.
+GPU_PEAK_TFLOPS: list[tuple[str, tuple[float | None, float | None, float]]] = [
+    (r"\bB200\b", (2250.0, 1100.0, 75.0)),
+    (r"\bH200\b", (989.4, 494.7, 66.9)),
+    (r"\bH100\b.*\bPCIe\b", (756.0, 378.0, 51.2)),
+    (r"\bH100\b.*\bNVL\b", (835.0, 417.0, 60.0)),
+    (r"\bH100\b", (989.4, 494.7, 66.9)),                # SXM
+    (r"\bH800\b", (989.4, 494.7, 66.9)),
+    (r"\bA100\b", (312.0, 156.0, 19.5)),
+    (r"\bA800\b", (312.0, 156.0, 19.5)),
+    (r"\bL40S\b", (362.1, 183.0, 91.6)),
+    (r"\bL40\b", (181.0, 90.5, 90.5)),
+    (r"\bL4\b", (121.0, 60.0, 30.3)),
+    (r"\bA10\b", (125.0, 62.5, 31.2)),
+    (r"\bV100\b", (None, None, 15.7)),
+    (r"\bT4\b", (None, None, 8.1)),
+]
+
+
+def gpu_peak_flops(name: str, dtype: torch.dtype = torch.bfloat16, tf32: bool | None = None) -> float | None:
+    """Datasheet peak FLOP/s of the GPU called `name` for GEMMs in `dtype` (float32 counts as TF32 when torch
+    allows TF32 matmuls), or None when the GPU (or that dtype on it) is not in the table."""
+    for pattern, (bf16, tf32_peak, fp32) in GPU_PEAK_TFLOPS:
+        if re.search(pattern, name):
+            if dtype in (torch.bfloat16, torch.float16):
+                peak = bf16
+            else:
+                use_tf32 = torch.backends.cuda.matmul.allow_tf32 if tf32 is None else tf32
+                peak = tf32_peak if use_tf32 and tf32_peak else fp32
+            return None if peak is None else peak * 1e12
+    return None
+
 
 def usable_cores() -> int:
     """CPU cores this process may run on (its affinity mask, e.g. a container's or SLURM's share)."""
@@ -154,7 +191,8 @@ def peak_flops_total(world_size: int = 1, local_world_size: int | None = None, d
     """Peak FLOP/s of all the hardware a run of `world_size` ranks occupies: the MFU denominator.
 
     The unit is one GPU on CUDA and one whole machine (all its cores) on CPU; `peak_tflops`, when given (the
-    `--peak-tflops` option), is the peak of one unit and replaces the measurement. On CPU the ranks of a machine
+    `--peak-tflops` option), is the peak of one unit and replaces the table or the measurement. `dtype` is the
+    dtype the GEMMs run in (bfloat16 under --bf16). On CPU the ranks of a machine
     share its cores, so the honest denominator is the machine's peak measured with all cores, times the number of
     machines (`world_size // local_world_size`): a per-rank peak x ranks would count a core twice when ranks x
     threads exceed the cores (4 ranks on 2 cores), and hide idle cores when they fall short.
@@ -164,5 +202,9 @@ def peak_flops_total(world_size: int = 1, local_world_size: int | None = None, d
     kind = torch.device(device).type
     local = local_world_size or world_size
     units = world_size if kind == "cuda" else max(1, world_size // local)
-    per_unit = peak_tflops * 1e12 if peak_tflops is not None else measure_peak_flops(device, dtype, **measure_kw)
+    if peak_tflops is not None:
+        per_unit = peak_tflops * 1e12
+    else:
+        listed = gpu_peak_flops(torch.cuda.get_device_name(torch.device(device)), dtype) if kind == "cuda" else None
+        per_unit = listed or measure_peak_flops(device, dtype, **measure_kw)
     return per_unit * units

@@ -108,6 +108,7 @@ def resume_point(cfg: TrainConfig, resume: bool) -> str | None:
 def run_training(cfg: TrainConfig, resume: bool = False) -> dict:
     """Run on every rank (started by `meshtron.launch` or torchrun). Returns rank 0's summary."""
     from meshtron.data import load_tokenizer
+    from meshtron.inference import sample_ids
     from meshtron.train.flops import model_flops_per_token, mfu, peak_flops_total
     from meshtron.train.metrics import MetricsLogger
     resume_path = resume_point(cfg, resume)
@@ -177,7 +178,7 @@ def run_training(cfg: TrainConfig, resume: bool = False) -> dict:
     if cfg.sample_tokens > 0:
         model.eval()
         prompt = torch.tensor([tok.encode(cfg.prompt) or [tok.eot_id]])
-        ids = model.generate(prompt, cfg.sample_tokens, temperature=0.8, top_k=40, seed=cfg.seed)
+        ids = sample_ids(model, prompt, cfg.sample_tokens, temperature=0.8, top_k=40, seed=cfg.seed)
         sample = tok.decode(ids[0].tolist())
         if lead:
             print(f"--- sample ({cfg.sample_tokens} tokens, temperature 0.8, top-k 40) ---\n{sample}\n---", flush=True)

@@ -3,8 +3,9 @@
 Invariant: a step over a global batch computes the same update as one process on the whole batch. The
 batch is split over the batch axis; micro-batches accumulate gradients locally (`no_sync`), and the last
 one's backward averages gradients over the batch axis in buckets overlapped with backward (DDP with a
-counted comm hook). Clipping uses the global norm: a split parameter counted on each of its shards, a
-replicated one once.
+counted comm hook). Before each micro-batch the model's dropout RNG is told which global rows it holds,
+so masks follow the rows, not the split. Clipping uses the global norm: a split parameter counted on each
+of its shards, a replicated one once. Batches, the loss and every optimizer state live on `mesh.device`.
 """
 from __future__ import annotations
 
@@ -64,7 +65,7 @@ def clip_grad_norm(model: nn.Module, max_norm: float, mesh, batch_axis_name: str
         if all(a.coord == 0 for a in model_axes if a.name != own_axis):
             counted.append(p.grad)
     local = (torch.stack(torch._foreach_norm(counted, 2, dtype=torch.float32)).square().sum() if counted
-             else torch.zeros((), dtype=torch.float32))
+             else torch.zeros((), dtype=torch.float32, device=mesh.device))
     for a in model_axes:
         C.all_reduce(local, a.group)
     norm = local.sqrt().item()
@@ -90,14 +91,19 @@ class TrainStep:
                                            fused=mesh.device.type in ("cpu", "cuda"))
 
     def forward_backward(self, local_batch: torch.Tensor) -> torch.Tensor:
-        """Accumulate gradients of the mean loss over `local_batch` (B_local, T+1); returns that loss."""
-        if local_batch.shape[0] % self.micro_batches:
-            raise ValueError(f"a local batch of {local_batch.shape[0]} sequences does not split into "
+        """Accumulate gradients of the mean loss over `local_batch` (B_local, T+1), this batch-axis rank's
+        contiguous rows of the global batch (`local_rows`); returns that loss."""
+        n = local_batch.shape[0]
+        if n % self.micro_batches:
+            raise ValueError(f"a local batch of {n} sequences does not split into "
                              f"{self.micro_batches} micro-batches")
-        total = torch.zeros(())
+        local_batch = to_device(local_batch, self.mesh.device)
+        total = torch.zeros((), device=self.mesh.device)
         chunks = local_batch.chunk(self.micro_batches)
+        first_row = self.batch_axis.coord * n
         for i, chunk in enumerate(chunks):
             last = i == len(chunks) - 1
+            self.model.rng.at_row(first_row + i * chunk.shape[0])
             sync = contextlib.nullcontext() if last or self.wrapped is self.model else self.wrapped.no_sync()
             with sync:
                 with autocast(self.mesh.device.type, self.bf16):
@@ -130,6 +136,15 @@ class TrainStep:
         return (loss / self.batch_axis.size).item()
 
 
+def to_device(batch: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A batch on `device`: CPU batches bound for a GPU are pinned and copied without blocking the host."""
+    if batch.device == device:
+        return batch
+    if device.type == "cuda" and batch.device.type == "cpu":
+        return batch.pin_memory().to(device, non_blocking=True)
+    return batch.to(device)
+
+
 def autocast(device_type: str, bf16: bool):
     """bf16 autocast for the forward (parameters and gradients stay float32), or nothing."""
     return torch.autocast(device_type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
@@ -140,9 +155,11 @@ def evaluate(model: nn.Module, batches, batch_axis, bf16: bool = False) -> float
     """Mean loss over `batches` (this rank's rows of each global batch), averaged over the batch axis."""
     was_training = model.training
     model.eval()
-    total, n = torch.zeros((), dtype=torch.float64), 0
+    device = model.mesh.device
+    total, n = torch.zeros((), dtype=torch.float64, device=device), 0
     for batch in batches:
-        with autocast(model.mesh.device.type, bf16):
+        batch = to_device(batch, device)
+        with autocast(device.type, bf16):
             total += model(batch[:, :-1], batch[:, 1:]).double()
         n += 1
     model.train(was_training)
