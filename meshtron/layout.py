@@ -19,26 +19,28 @@ DIMENSIONS = {
     "kv_heads": "key/value heads (grouped-query attention); always split like heads",
     "d_ff": "MLP hidden units",
     "d_model": "model width (residual stream)",
-    "seq": "sequence positions",
+    "seq": "sequence positions of the residual stream (sequence parallelism)",
     "head_dim": "width of one attention head",
 }
-SPLITTABLE = ("batch", "vocab", "heads", "kv_heads", "d_ff")
+SPLITTABLE = ("batch", "vocab", "heads", "kv_heads", "d_ff", "seq")
 
 # The named shape of every tensor the models build (parameters and activations). Two dimensions of one
-# tensor may never map to the same mesh axis.
+# tensor may never map to the same mesh axis. `seq` names the sequence dimension only where it can be split
+# (the residual stream, under sequence parallelism); attention, the MLP's hidden units and the logits always
+# see the whole sequence (Megatron's all-gather on entry), so their sequence dimension is not listed.
 TENSORS = {
     "tokens": ("batch", "seq"),
     "residual": ("batch", "seq", "d_model"),
     "embedding.weight": ("vocab", "d_model"),
-    "attention.q": ("batch", "seq", "heads", "head_dim"),
-    "attention.kv": ("batch", "seq", "kv_heads", "head_dim"),
+    "attention.q": ("batch", "heads", "head_dim"),
+    "attention.kv": ("batch", "kv_heads", "head_dim"),
     "attention.q_proj.weight": ("heads", "head_dim", "d_model"),
     "attention.kv_proj.weight": ("kv_heads", "head_dim", "d_model"),
     "attention.o_proj.weight": ("d_model", "heads", "head_dim"),
-    "mlp.hidden": ("batch", "seq", "d_ff"),
+    "mlp.hidden": ("batch", "d_ff"),
     "mlp.up.weight": ("d_ff", "d_model"),
     "mlp.down.weight": ("d_model", "d_ff"),
-    "logits": ("batch", "seq", "vocab"),
+    "logits": ("batch", "vocab"),
 }
 
 DEFAULT_RULES = "batch:batch;heads:model;kv_heads:model;d_ff:model;vocab:model"
@@ -141,7 +143,19 @@ def validate(rules: LayoutRules, mesh_shape: dict[str, int], sizes: dict[str, in
                     f"{used[axis]!r} and {name!r} on mesh axis {axis!r}; two dimensions of one tensor may not "
                     f"share an axis: map one of them to another axis")
             used[axis] = name
-    for dim in ("batch", "heads", "kv_heads", "d_ff"):
+    if "seq" in dims:
+        axis = dims["seq"]
+        for needed in ("heads", "d_ff"):
+            if dims.get(needed) != axis:
+                raise LayoutError(
+                    f"layout rule 'seq:{axis}': sequence parallelism splits the residual stream over the axis "
+                    f"that splits attention heads and the MLP (Megatron), but {needed!r} is on "
+                    f"{dims.get(needed)!r}: add '{needed}:{axis}' or drop 'seq:{axis}'")
+        if dims.get("vocab") not in (None, axis):
+            raise LayoutError(f"layout rule 'seq:{axis}' with 'vocab:{dims['vocab']}': with sequence parallelism "
+                              f"the vocabulary is split over the sequence's axis or not at all: use 'vocab:{axis}' "
+                              f"or drop the vocab rule")
+    for dim in ("batch", "heads", "kv_heads", "d_ff", "seq"):
         axis = dims.get(dim)
         if axis is None or dim not in sizes:
             continue

@@ -15,6 +15,7 @@ import torch.distributed as dist
 from meshtron.comm import shm
 
 _all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+_reduce_scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
 _GROUP_NAMES: dict[int, tuple[str, tuple[int, ...]]] = {}
 _SHM: dict[int, "shm.ShmAllReduce"] = {}
 _COUNTERS: list["CommCounter"] = []
@@ -65,7 +66,22 @@ class CollectiveRecord:
     numel: int     # elements this rank contributes
     nbytes: int
     dtype: torch.dtype
-    detail: str = ""  # e.g. the reduce op
+    detail: str = ""  # e.g. the reduce op, or what the call is for
+    world: int = 0    # ranks in the group
+
+    @property
+    def wire_bytes(self) -> float:
+        """Bytes each rank sends under the ring algorithm: an all-reduce of N bytes 2(t-1)/t·N, a reduce-scatter
+        of N bytes (t-1)/t·N, an all-gather of N/t bytes per rank (t-1)/t·N; so an all-gather plus a
+        reduce-scatter carry exactly what one all-reduce of the same tensor does."""
+        t = self.world or 1
+        if self.op == "all_reduce":
+            return 2 * (t - 1) / t * self.nbytes
+        if self.op == "reduce_scatter":
+            return (t - 1) / t * self.nbytes
+        if self.op == "all_gather":
+            return (t - 1) * self.nbytes
+        return float(self.nbytes)
 
 
 class CommCounter:
@@ -101,8 +117,9 @@ class CommCounter:
 def record(op: str, group, tensor: torch.Tensor, detail: str = "") -> None:
     if not _COUNTERS:
         return
-    rec = CollectiveRecord(op, group_axis(group), tensor.numel(), tensor.numel() * tensor.element_size(),
-                           tensor.dtype, detail)
+    name, ranks = _GROUP_NAMES.get(id(group), ("?", ()))
+    rec = CollectiveRecord(op, name, tensor.numel(), tensor.numel() * tensor.element_size(),
+                           tensor.dtype, detail, len(ranks))
     with _LOCK:
         for c in _COUNTERS:
             c.records.append(rec)
@@ -190,3 +207,76 @@ def broadcast(tensor: torch.Tensor, src: int, group) -> torch.Tensor:
     except Exception as e:  # noqa: BLE001
         raise _fail("broadcast", group, e) from e
     return tensor
+
+
+class Pending:
+    """A collective in flight; `wait()` returns its result or raises a `CollectiveError` naming the rank, the
+    operation and the group."""
+
+    def __init__(self, result: torch.Tensor, group, work, op: str):
+        self.result, self.group, self.work, self.op = result, group, work, op
+
+    def wait(self) -> torch.Tensor:
+        if self.work is not None:
+            try:
+                self.work.wait()
+            except Exception as e:  # noqa: BLE001
+                raise _fail(self.op, self.group, e) from e
+            self.work = None
+        return self.result
+
+
+def all_gather_async(out: torch.Tensor, tensor: torch.Tensor, group, detail: str = "") -> Pending:
+    """Start gathering every rank's `tensor` into `out` (concatenated along dim 0; `tensor` may be `out`'s own
+    chunk: in place)."""
+    record("all_gather", group, tensor, detail)
+    try:
+        work = _all_gather(out, tensor, group=group, async_op=True)
+    except Exception as e:  # noqa: BLE001
+        raise _fail("all_gather", group, e) from e
+    return Pending(out, group, work, "all_gather")
+
+
+def reduce_scatter_async(out: torch.Tensor, tensor: torch.Tensor, group, detail: str = "") -> Pending:
+    """Start summing `tensor` (dim 0 of t equal chunks) over the group into `out`, this rank's chunk (`out` may
+    be that chunk of `tensor`: in place)."""
+    record("reduce_scatter", group, tensor, detail)
+    try:
+        work = _reduce_scatter(out, tensor, group=group, async_op=True)
+    except Exception as e:  # noqa: BLE001
+        raise _fail("reduce_scatter", group, e) from e
+    return Pending(out, group, work, "reduce_scatter")
+
+
+def all_gather_dim_async(tensor: torch.Tensor, group, world: int, dim: int, detail: str = ""):
+    """Start an all-gather along any dimension; returns a function that waits and gives the gathered tensor."""
+    moved = tensor.movedim(dim, 0).contiguous()
+    out = torch.empty((world * moved.shape[0],) + tuple(moved.shape[1:]), dtype=moved.dtype, device=moved.device)
+    pending = all_gather_async(out, moved, group, detail)
+    return lambda: pending.wait().movedim(0, dim)
+
+
+def reduce_scatter_dim_async(tensor: torch.Tensor, group, world: int, dim: int, detail: str = ""):
+    """Start a SUM reduce-scatter along any dimension (its size divisible by `world`); returns a function that
+    waits and gives this rank's chunk."""
+    moved = tensor.movedim(dim, 0).contiguous()
+    if moved.shape[0] % world:
+        raise ValueError(f"reduce-scatter of dimension {dim} (size {moved.shape[0]}) over {world} ranks: the size "
+                         f"must be divisible by the group")
+    out = torch.empty((moved.shape[0] // world,) + tuple(moved.shape[1:]), dtype=moved.dtype, device=moved.device)
+    pending = reduce_scatter_async(out, moved, group, detail)
+    return lambda: pending.wait().movedim(0, dim)
+
+
+def all_gather_dim(tensor: torch.Tensor, group, world: int, dim: int, detail: str = "") -> torch.Tensor:
+    """Gather every rank's `tensor` concatenated along `dim` (no-op when group is None)."""
+    if group is None:
+        return tensor
+    return all_gather_dim_async(tensor, group, world, dim, detail)()
+
+
+def reduce_scatter_dim(tensor: torch.Tensor, group, world: int, dim: int, detail: str = "") -> torch.Tensor:
+    """Sum `tensor` over the group and keep this rank's chunk along `dim` (no-op when group is None)."""
+    if group is None:
+        return tensor
+    return reduce_scatter_dim_async(tensor, group, world, dim, detail)()

@@ -17,7 +17,7 @@ from meshtron.models.base import CausalLM
 from meshtron.models.config import ModelConfig
 from meshtron.parallel import LayerNorm, ParallelAttention, ParallelMLP, VocabParallelEmbedding
 from meshtron.parallel.lm_head import VocabParallelHead
-from meshtron.parallel.random import ATTENTION_OUT, EMBEDDING, MLP_OUT, DropoutRNG, dropout
+from meshtron.parallel.random import ATTENTION_OUT, EMBEDDING, MLP_OUT, DropoutRNG, residual_dropout
 from meshtron.parallel.sharding import make_param, replicated_spec
 
 
@@ -33,10 +33,11 @@ class Block(nn.Module):
                                std=std, out_std=out_std)
         self.p, self.rng, self.layer = cfg.dropout, rng, layer
 
-    def forward(self, x: torch.Tensor, cache=None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cache=None, seq=None) -> torch.Tensor:
+        """`seq`: the axis the residual stream's sequence is split over (sequence parallelism), or None."""
         rng, p, i, on = self.rng, self.p, self.layer, self.training
-        x = x + dropout(self.attn(self.ln_1(x), cache), p, rng, i, ATTENTION_OUT, on)
-        return x + dropout(self.mlp(self.ln_2(x)), p, rng, i, MLP_OUT, on)
+        x = x + residual_dropout(self.attn(self.ln_1(x), cache, seq), p, rng, i, ATTENTION_OUT, on, seq)
+        return x + residual_dropout(self.mlp(self.ln_2(x), seq), p, rng, i, MLP_OUT, on, seq)
 
 
 class GPT(CausalLM):
@@ -49,11 +50,15 @@ class GPT(CausalLM):
                                       tied=self.wte if cfg.tied else None)
 
     def hidden(self, idx: torch.Tensor, cache=None) -> torch.Tensor:
-        """`cache` (a KVCache, for decoding): positions come from it, keys and values go into it."""
-        T = idx.shape[1]
-        pos = self.wpe[:T] if cache is None else self.wpe[cache.positions]   # (T, d) or (B, T, d)
-        x = self.wte(idx) + pos                                              # (B, T, d)
-        x = dropout(x, self.config.dropout, self.rng, -1, EMBEDDING, self.training)
-        for i, block in enumerate(self.blocks):
-            x = block(x, None if cache is None else cache.layers[i])
+        """`cache` (a KVCache, for decoding): positions come from it, keys and values go into it. Without a cache,
+        under sequence parallelism, the result is this rank's chunk of the sequence."""
+        seq = self.sequence_axis(idx, cache)
+        x = self.wte(idx, seq)                                               # (B, T, d) or (B, T/t, d)
+        if cache is not None:
+            x = x + self.wpe[cache.positions]                                # (B, T, d): per sequence
+        else:
+            T, t0 = x.shape[1], 0 if seq is None else seq.coord * x.shape[1]
+            x = x + self.wpe[t0:t0 + T]
+        x = residual_dropout(x, self.config.dropout, self.rng, -1, EMBEDDING, self.training, seq)
+        x = self.run_blocks(x, cache, seq)
         return self.ln_f(x)

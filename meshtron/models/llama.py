@@ -17,7 +17,7 @@ from meshtron.models.base import CausalLM
 from meshtron.models.config import ModelConfig
 from meshtron.parallel import ParallelAttention, ParallelMLP, RMSNorm, Rotary, VocabParallelEmbedding
 from meshtron.parallel.lm_head import VocabParallelHead
-from meshtron.parallel.random import ATTENTION_OUT, MLP_OUT, DropoutRNG, dropout
+from meshtron.parallel.random import ATTENTION_OUT, MLP_OUT, DropoutRNG, residual_dropout
 
 
 class Block(nn.Module):
@@ -33,10 +33,11 @@ class Block(nn.Module):
                                std=std, out_std=out_std)
         self.p, self.rng, self.layer = cfg.dropout, rng, layer
 
-    def forward(self, x: torch.Tensor, cache=None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cache=None, seq=None) -> torch.Tensor:
+        """`seq`: the axis the residual stream's sequence is split over (sequence parallelism), or None."""
         rng, p, i, on = self.rng, self.p, self.layer, self.training
-        x = x + dropout(self.attn(self.attn_norm(x), cache), p, rng, i, ATTENTION_OUT, on)
-        return x + dropout(self.mlp(self.mlp_norm(x)), p, rng, i, MLP_OUT, on)
+        x = x + residual_dropout(self.attn(self.attn_norm(x), cache, seq), p, rng, i, ATTENTION_OUT, on, seq)
+        return x + residual_dropout(self.mlp(self.mlp_norm(x), seq), p, rng, i, MLP_OUT, on, seq)
 
 
 class Llama(CausalLM):
@@ -49,8 +50,9 @@ class Llama(CausalLM):
                                       tied=self.embed if cfg.tied else None)
 
     def hidden(self, idx: torch.Tensor, cache=None) -> torch.Tensor:
-        """`cache` (a KVCache, for decoding): rotary positions come from it, keys and values go into it."""
-        x = self.embed(idx)                                                  # (B, T, d)
-        for i, block in enumerate(self.blocks):
-            x = block(x, None if cache is None else cache.layers[i])
+        """`cache` (a KVCache, for decoding): rotary positions come from it, keys and values go into it. Without a
+        cache, under sequence parallelism, the result is this rank's chunk of the sequence."""
+        seq = self.sequence_axis(idx, cache)
+        x = self.embed(idx, seq)                                             # (B, T, d) or (B, T/t, d)
+        x = self.run_blocks(x, cache, seq)
         return self.norm(x)

@@ -3,7 +3,11 @@
 Invariant: rank r of the heads axis holds query heads [r*H/t, (r+1)*H/t) and key/value heads
 [r*K/t, (r+1)*K/t), which are exactly the kv heads its query heads read under grouped-query attention, so
 attention is local. Q, K and V are one GEMM behind one `f` on entry, and one `g` on exit: two all-reduces
-per call.
+per call (with sequence parallelism: an all-gather and a reduce-scatter along the sequence).
+With selective recompute (`recompute`, Korthikanti et al. 2022) the core attention — scores, softmax, dropout
+and the probability-weighted values, whose s² activations dominate — keeps only q, k, v and is recomputed in
+backward with the forward's dropout mask. Without attention dropout, the fused kernel keeps no s² tensor, so
+there is nothing to recompute.
 Decoding passes a per-layer `cache` (meshtron.inference.kv_cache.LayerCache): it holds this rank's local kv
 heads only, appends the new keys and values, and supplies positions and the padding mask; no extra collective.
 """
@@ -14,6 +18,7 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from meshtron.mesh import MeshAxis
 from meshtron.parallel.linear import ColumnParallelLinear, RowParallelLinear, column_parallel_group
@@ -37,11 +42,14 @@ class ParallelAttention(nn.Module):
         self.v_proj = ColumnParallelLinear(d_model, kv_dim, axis, bias=bias, std=std)
         self.o_proj = RowParallelLinear(d_model, d_model, axis, bias=bias, std=out_std)
         self.dropout_p, self.rng, self.layer, self.n_head = dropout_p, rng, layer, n_head
+        self.recompute = False        # selective recompute: core attention is recomputed in backward
         self.rotary = [rotary]  # shared module, kept out of this module's children
 
-    def forward(self, x: torch.Tensor, cache=None) -> torch.Tensor:
-        B, T, _ = x.shape
-        q, k, v = column_parallel_group(x, (self.q_proj, self.k_proj, self.v_proj))  # f, one GEMM
+    def forward(self, x: torch.Tensor, cache=None, seq: MeshAxis | None = None) -> torch.Tensor:
+        """x (B, T, d), or with sequence parallelism (`seq`) this rank's chunk (B, T/t, d); attention itself
+        always sees the whole sequence (the entry all-gathers it)."""
+        q, k, v = column_parallel_group(x, (self.q_proj, self.k_proj, self.v_proj), seq)  # f, one GEMM
+        B, T = q.shape[:2]
         q = q.view(B, T, self.n_local, self.head_dim).transpose(1, 2)                # (B, h, T, hd)
         k = k.view(B, T, self.n_kv_local, self.head_dim).transpose(1, 2)             # (B, kv, T, hd)
         v = v.view(B, T, self.n_kv_local, self.head_dim).transpose(1, 2)
@@ -52,7 +60,7 @@ class ParallelAttention(nn.Module):
             v = v.contiguous()    # q and k are new tensors now: v alone keeps the Q|K|V output for backward
         y = self._attend(q, k, v)                                                 # (B, h, T, hd)
         y = y.transpose(1, 2).reshape(B, T, self.n_local * self.head_dim)
-        return self.o_proj(y)                                                     # g
+        return self.o_proj(y, seq)                                                # g
 
     def _decode(self, q, k, v, cache) -> torch.Tensor:
         """Attention over the cached keys and values plus these (KV cache: prefill, then a token per step)."""
@@ -69,6 +77,16 @@ class ParallelAttention(nn.Module):
         gqa = self.n_kv_local != self.n_local
         if not (self.training and self.dropout_p > 0):
             return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+        position = self.rng.position
+        if self.recompute and torch.is_grad_enabled():       # Megatron's selective recompute of core attention
+            return checkpoint(self._core_attention, q, k, v, position, use_reentrant=False,
+                              preserve_rng_state=False)
+        return self._core_attention(q, k, v, position)
+
+    def _core_attention(self, q, k, v, position):
+        """Scores, softmax, dropout and the probability-weighted values: the s² part of attention. `position` is the
+        dropout position captured at the forward, so a recomputation draws the same mask."""
+        gqa = self.n_kv_local != self.n_local
         # dropout on attention probabilities (B, h_local, T, T): this rank's heads of the logical mask
         if gqa:
             rep = self.n_local // self.n_kv_local
@@ -79,5 +97,5 @@ class ParallelAttention(nn.Module):
         att = att.masked_fill(~mask, float("-inf")).softmax(dim=-1)
         head0 = self.axis.coord * self.n_local
         att = dropout(att, self.dropout_p, self.rng, self.layer, ATTENTION_PROBS, True,
-                      offsets=(head0, 0, 0), full=(self.n_head, T, T))
+                      offsets=(head0, 0, 0), full=(self.n_head, T, T), position=position)
         return att @ v

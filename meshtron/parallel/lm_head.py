@@ -3,6 +3,9 @@
 Invariant: logits stay split (each rank holds its vocabulary slice, padding cut off); the loss comes from
 `vocab_parallel_cross_entropy`. One `f` on entry, so the backward sums the hidden-state gradient once.
 With tied embeddings the head reads the embedding's weight and owns no parameter.
+With sequence parallelism the hidden state arrives split along the sequence: a vocabulary split over the same
+axis gathers the hidden state (not the logits) on entry; a replicated vocabulary computes the logits and loss
+of this rank's tokens only and sums the loss over the axis (`g`).
 """
 from __future__ import annotations
 
@@ -10,12 +13,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from meshtron.comm.ops import gather_from_parallel
+from meshtron.comm.ops import gather_from_parallel, gather_from_sequence, reduce_from_parallel, seq_chunk
 from meshtron.layout import pad_to_multiple
 from meshtron.mesh import MeshAxis
 from meshtron.parallel.cross_entropy import IGNORE_INDEX, vocab_parallel_cross_entropy
 from meshtron.parallel.embedding import VocabParallelEmbedding
-from meshtron.parallel.linear import copy_then_linear
+from meshtron.parallel.linear import SEQ_DIM, copy_then_linear
 from meshtron.parallel.sharding import make_param, split_spec
 
 
@@ -35,16 +38,24 @@ class VocabParallelHead(nn.Module):
     def _weight(self) -> torch.Tensor:
         return self._tied[0].weight if self._tied[0] is not None else self.weight
 
-    def local_logits(self, h: torch.Tensor) -> torch.Tensor:
-        """(B, T, d) -> (B, T, V_local): this rank's real vocabulary columns."""
+    def _own_tokens(self, seq: MeshAxis | None) -> bool:
+        """Sequence-split hidden state and a vocabulary not split over that axis: each rank keeps its tokens."""
+        return seq is not None and seq.size > 1 and self.axis.name != seq.name
+
+    def local_logits(self, h: torch.Tensor, seq: MeshAxis | None = None) -> torch.Tensor:
+        """(B, T, d) -> (B, T, V_local): this rank's real vocabulary columns (of its own tokens only, when
+        `_own_tokens`)."""
         w = self._weight()
         if self.n_valid != w.shape[0]:
             w = w[: self.n_valid]                                 # cut the padded rows
-        return copy_then_linear(h, (w,), (), self.axis)          # f, overlapped with dW in backward
+        seq = None if self._own_tokens(seq) else seq
+        return copy_then_linear(h, (w,), (), self.axis, seq)     # f, overlapped with dW in backward
 
-    def full_logits(self, h: torch.Tensor) -> torch.Tensor:
+    def full_logits(self, h: torch.Tensor, seq: MeshAxis | None = None) -> torch.Tensor:
         """All vocabulary columns on every rank (for generation; training never gathers)."""
-        logits = self.local_logits(h)
+        logits = self.local_logits(h, seq)
+        if self._own_tokens(seq):
+            logits = gather_from_sequence(logits, seq, SEQ_DIM)
         if self.axis.size == 1:
             return logits
         per_rank = self._weight().shape[0]
@@ -52,8 +63,12 @@ class VocabParallelHead(nn.Module):
             logits = F.pad(logits, (0, per_rank - self.n_valid), value=float("-inf"))
         return gather_from_parallel(logits, self.axis)[..., : self.vocab_size]
 
-    def loss(self, h: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    def loss(self, h: torch.Tensor, targets: torch.Tensor, seq: MeshAxis | None = None) -> torch.Tensor:
         """Mean cross-entropy over the tokens whose target is not IGNORE_INDEX."""
-        per_token = vocab_parallel_cross_entropy(self.local_logits(h), targets, self.axis, self.vocab_start)
         n = (targets != IGNORE_INDEX).sum().clamp(min=1)
+        if self._own_tokens(seq):
+            mine = seq_chunk(targets, seq, SEQ_DIM)
+            per_token = vocab_parallel_cross_entropy(self.local_logits(h, seq), mine, self.axis, self.vocab_start)
+            return reduce_from_parallel(per_token.sum(), seq) / n
+        per_token = vocab_parallel_cross_entropy(self.local_logits(h, seq), targets, self.axis, self.vocab_start)
         return per_token.sum() / n

@@ -2,7 +2,8 @@
 row-parallel down-projection.
 
 Invariant: one `f` on entry and one `g` on exit, whatever the activation: GELU (GPT-2, one up-projection)
-or SwiGLU (Llama, gate and up projections as one GEMM behind the `f`).
+or SwiGLU (Llama, gate and up projections as one GEMM behind the `f`); with sequence parallelism they are
+an all-gather and a reduce-scatter along the sequence.
 """
 from __future__ import annotations
 
@@ -28,10 +29,11 @@ class ParallelMLP(nn.Module):
         self.up_proj = ColumnParallelLinear(d_model, d_ff, axis, bias=bias, std=std)
         self.down_proj = RowParallelLinear(d_ff, d_model, axis, bias=bias, std=out_std)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, seq: MeshAxis | None = None) -> torch.Tensor:
+        """x (B, T, d), or with sequence parallelism (`seq`) this rank's chunk of the sequence."""
         if self.activation == "swiglu":
-            gate, up = column_parallel_group(x, (self.gate_proj, self.up_proj))  # f, one GEMM
+            gate, up = column_parallel_group(x, (self.gate_proj, self.up_proj), seq)  # f, one GEMM
             h = F.silu(gate) * up                                            # (B, T, d_ff / t)
         else:
-            h = F.gelu(self.up_proj(x), approximate="tanh")                  # f; GPT-2's gelu_new
-        return self.down_proj(h)                                             # g
+            h = F.gelu(self.up_proj(x, seq), approximate="tanh")             # f; GPT-2's gelu_new
+        return self.down_proj(h, seq)                                        # g

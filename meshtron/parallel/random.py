@@ -16,6 +16,7 @@ mask element is keyed by (seed, step, layer, site, global row, position, head or
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
 
@@ -126,6 +127,15 @@ class DropoutRNG:
         """The local batch's first sequence is row `row` of the step's global batch."""
         self.position = DropoutPosition(self.position.step, row)
 
+    @contextlib.contextmanager
+    def at(self, position: DropoutPosition):
+        """Draw at `position` inside the block (a recomputation redraws its forward's masks), then restore."""
+        saved, self.position = self.position, position
+        try:
+            yield
+        finally:
+            self.position = saved
+
     def key(self, layer: int, site: int, position: DropoutPosition | None = None) -> int:
         pos = position or self.position
         return fold_key(self.seed, pos.step, layer, site)
@@ -159,12 +169,24 @@ class _Dropout(torch.autograd.Function):
 
 
 def dropout(x: torch.Tensor, p: float, rng: DropoutRNG | None, layer: int, site: int, training: bool,
-            offsets=None, full=None) -> torch.Tensor:
-    """Inverted dropout of `x` (dim 0: batch rows) with the mask of (layer, site) at the rng's position.
-    `offsets` and `full` place this rank's block of dims 1.. in the logical tensor (heads split, sequence split)."""
+            offsets=None, full=None, position: DropoutPosition | None = None) -> torch.Tensor:
+    """Inverted dropout of `x` (dim 0: batch rows) with the mask of (layer, site) at the rng's position (or
+    `position`, captured earlier: recomputation redraws the forward's masks). `offsets` and `full` place this
+    rank's block of dims 1.. in the logical tensor (heads split, sequence split)."""
     if not training or p == 0.0:
         return x
     if rng is None:
         raise ValueError("dropout needs the model's DropoutRNG")
-    mask = rng.mask(layer, site, x.shape, offsets, full, p, x.device)
+    mask = rng.mask(layer, site, x.shape, offsets, full, p, x.device, position)
     return _Dropout.apply(x, mask, 1.0 / (1.0 - p))
+
+
+def residual_dropout(x: torch.Tensor, p: float, rng: DropoutRNG | None, layer: int, site: int, training: bool,
+                     seq=None, position: DropoutPosition | None = None) -> torch.Tensor:
+    """Dropout of a residual-stream tensor (B, T, d), or of this rank's sequence chunk under sequence
+    parallelism over the mesh axis `seq`."""
+    if seq is None or seq.size == 1:
+        return dropout(x, p, rng, layer, site, training, position=position)
+    T = x.shape[1]
+    return dropout(x, p, rng, layer, site, training, offsets=(seq.coord * T, 0), full=(seq.size * T, x.shape[2]),
+                   position=position)

@@ -17,6 +17,7 @@ import torch.distributed as dist
 from torch import nn
 
 from meshtron.comm import collectives as C
+from meshtron.parallel.sequence import reduce_partial_grads
 from meshtron.parallel.sharding import ShardSpec
 
 
@@ -81,8 +82,9 @@ class TrainStep:
 
     def __init__(self, model: nn.Module, mesh, *, lr: float, weight_decay: float = 0.1,
                  betas=(0.9, 0.95), eps: float = 1e-8, clip: float = 1.0, micro_batches: int = 1,
-                 bf16: bool = False):
+                 bf16: bool = False, recompute: str = "none"):
         self.model, self.mesh, self.bf16 = model, mesh, bf16
+        model.set_recompute(recompute)
         self.batch_axis = model.layout.axis("batch")
         self.wrapped = wrap_data_parallel(model, self.batch_axis)
         self.clip, self.micro_batches = clip, micro_batches
@@ -110,6 +112,7 @@ class TrainStep:
                     loss = self.wrapped(chunk[:, :-1], chunk[:, 1:]) / len(chunks)
                 loss.backward()
             total += loss.detach()
+        reduce_partial_grads(self.model)          # sequence parallelism: norms, biases, ... summed over the axis
         return total
 
     def step(self, local_batch: torch.Tensor, lr: float | None = None) -> dict:
