@@ -52,9 +52,13 @@ def _view(t: torch.Tensor, spec, mesh):
     return DTensor.from_local(t, mesh.device_mesh, placements, run_check=False, shape=full, stride=stride)
 
 
-def _ensure_adam_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
-    """Create Adam's moments (zeros) where the optimizer has not stepped yet, so they can be loaded into. The
-    step counter lives where torch's fused/capturable Adam keeps it: on the parameter's device."""
+def _adam_state(model: nn.Module, optimizer) -> dict:
+    """Adam's state of every parameter, shaped like the parameter: the optimizer's own tensors (loaded in
+    place), or, for the distributed optimizer, gathered from the batch axis's chunks (`gather_state`). Moments
+    are created (zeros) where the optimizer has not stepped yet, so they can be loaded into; the step counter
+    lives where torch's fused/capturable Adam keeps it, on the parameter's device."""
+    if hasattr(optimizer, "gather_state"):
+        return optimizer.gather_state()
     on_device = any(g.get("fused") or g.get("capturable") for g in optimizer.param_groups)
     for p in model.parameters():
         state = optimizer.state[p]
@@ -62,19 +66,22 @@ def _ensure_adam_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> No
             state["step"] = torch.zeros((), dtype=torch.float32, device=p.device if on_device else "cpu")
             state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
             state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+    return {p: optimizer.state[p] for p in model.parameters()}
 
 
-def _state(model: nn.Module, mesh, optimizer=None) -> dict:
+def _state(model: nn.Module, mesh, optimizer=None) -> tuple[dict, dict]:
+    """(what DCP saves or loads into, the per-parameter Adam state behind it)."""
     state = {"model": {n: _view(p.data, p.shard, mesh) for n, p in model.named_parameters()}}
+    adam = {}
     if optimizer is not None:
-        _ensure_adam_state(model, optimizer)
+        adam = _adam_state(model, optimizer)
         optim = {}
         for n, p in model.named_parameters():
-            s = optimizer.state[p]
+            s = adam[p]
             optim[n] = {"exp_avg": _view(s["exp_avg"], p.shard, mesh),
                         "exp_avg_sq": _view(s["exp_avg_sq"], p.shard, mesh), "step": s["step"]}
         state["optim"] = optim
-    return state
+    return state, adam
 
 
 # ----------------------------------------------------------------------------------------------- save
@@ -96,7 +103,7 @@ def save_checkpoint(root: str, step: int, model: nn.Module, mesh, optimizer=None
     _barrier(mesh)
     import torch.distributed.checkpoint as dcp
     with _quiet_single_process():
-        dcp.save(_state(model, mesh, optimizer), checkpoint_id=partial, no_dist=mesh.device_mesh is None)
+        dcp.save(_state(model, mesh, optimizer)[0], checkpoint_id=partial, no_dist=mesh.device_mesh is None)
     faults.maybe_kill("checkpoint", mesh.rank, step)
     if lead:
         if write_extra is not None:
@@ -211,7 +218,7 @@ def load_checkpoint(path: str, model: nn.Module, mesh, optimizer=None) -> dict:
     """Load `path` into `model` (and the optimizer's Adam state) on this mesh, resharding as needed.
     Call `read_meta` (which verifies the files) and `check_model_matches` first."""
     import torch.distributed.checkpoint as dcp
-    state = _state(model, mesh, optimizer)
+    state, adam = _state(model, mesh, optimizer)
     if optimizer is None:
         state.pop("optim", None)
     try:
@@ -221,5 +228,7 @@ def load_checkpoint(path: str, model: nn.Module, mesh, optimizer=None) -> dict:
         raise CheckpointError(f"could not load checkpoint {path}: {type(e).__name__}: {e}") from e
     if optimizer is not None:
         for n, p in model.named_parameters():
-            optimizer.state[p]["step"] = state["optim"][n]["step"]
+            adam[p]["step"] = state["optim"][n]["step"]
+        if hasattr(optimizer, "scatter_state"):
+            optimizer.scatter_state(adam)
     return state

@@ -131,18 +131,6 @@ def validate(rules: LayoutRules, mesh_shape: dict[str, int], sizes: dict[str, in
                           f"{dims.get('heads')!r}; split kv_heads over the same axis as heads")
     if "heads" in dims:
         dims.setdefault("kv_heads", dims["heads"])
-    for tensor, names in TENSORS.items():
-        used: dict[str, str] = {}
-        for name in names:
-            axis = dims.get(name)
-            if axis is None:
-                continue
-            if axis in used:
-                raise LayoutError(
-                    f"layout rules {str(rules)!r}: tensor {tensor} {list(names)} would have both "
-                    f"{used[axis]!r} and {name!r} on mesh axis {axis!r}; two dimensions of one tensor may not "
-                    f"share an axis: map one of them to another axis")
-            used[axis] = name
     if "seq" in dims:
         axis = dims["seq"]
         for needed in ("heads", "d_ff"):
@@ -155,6 +143,18 @@ def validate(rules: LayoutRules, mesh_shape: dict[str, int], sizes: dict[str, in
             raise LayoutError(f"layout rule 'seq:{axis}' with 'vocab:{dims['vocab']}': with sequence parallelism "
                               f"the vocabulary is split over the sequence's axis or not at all: use 'vocab:{axis}' "
                               f"or drop the vocab rule")
+    for tensor, names in TENSORS.items():
+        used: dict[str, str] = {}
+        for name in names:
+            axis = dims.get(name)
+            if axis is None:
+                continue
+            if axis in used:
+                raise LayoutError(
+                    f"layout rules {str(rules)!r}: tensor {tensor} {list(names)} would have both "
+                    f"{used[axis]!r} and {name!r} on mesh axis {axis!r}; two dimensions of one tensor may not "
+                    f"share an axis: map one of them to another axis")
+            used[axis] = name
     for dim in ("batch", "heads", "kv_heads", "d_ff", "seq"):
         axis = dims.get(dim)
         if axis is None or dim not in sizes:

@@ -47,6 +47,8 @@ def train_and_record(config, mesh_spec, rules=None, opt=None):
         model.rng.reseed(step)
         loss = trainer.forward_backward(local_rows(batch, trainer.batch_axis))
         losses.append(trainer.global_loss(loss))
+        if trainer.zero:                      # the sharded optimizer keeps only its chunk of each reduced gradient
+            trainer.optimizer.gather_grads()
         grads.append(full_state_dict(model, mesh, grads=True))
         trainer.update()
         params.append(full_state_dict(model, mesh))

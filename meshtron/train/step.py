@@ -78,16 +78,28 @@ def clip_grad_norm(model: nn.Module, max_norm: float, mesh, batch_axis_name: str
 
 
 class TrainStep:
-    """Holds the (possibly DDP-wrapped) model and the optimizer; `step(local_batch)` does one update."""
+    """Holds the (possibly DDP-wrapped) model and the optimizer; `step(local_batch)` does one update.
+
+    `zero=1` shards the optimizer over the batch axis (`meshtron.train.zero`) instead of DDP's all-reduce; on a
+    mesh whose batch axis has one rank it changes nothing. `recompute` is 'none', 'selective' or 'full'."""
 
     def __init__(self, model: nn.Module, mesh, *, lr: float, weight_decay: float = 0.1,
                  betas=(0.9, 0.95), eps: float = 1e-8, clip: float = 1.0, micro_batches: int = 1,
-                 bf16: bool = False, recompute: str = "none"):
+                 bf16: bool = False, recompute: str = "none", zero: int = 0):
+        if zero not in (0, 1):
+            raise ValueError(f"zero={zero!r}: meshtron has ZeRO stage 0 (off) and 1 (sharded optimizer state)")
         self.model, self.mesh, self.bf16 = model, mesh, bf16
         model.set_recompute(recompute)
         self.batch_axis = model.layout.axis("batch")
-        self.wrapped = wrap_data_parallel(model, self.batch_axis)
+        self.zero = bool(zero) and self.batch_axis.size > 1
         self.clip, self.micro_batches = clip, micro_batches
+        if self.zero:
+            from meshtron.train.zero import ShardedOptimizer
+            self.wrapped = model
+            self.optimizer = ShardedOptimizer(model, mesh, self.batch_axis, lr=lr, weight_decay=weight_decay,
+                                              betas=betas, eps=eps)
+            return
+        self.wrapped = wrap_data_parallel(model, self.batch_axis)
         # fused AdamW: one kernel over all parameters (3.5-4.5x faster than foreach on this CPU)
         self.optimizer = torch.optim.AdamW(param_groups(model, weight_decay), lr=lr, betas=betas, eps=eps,
                                            fused=mesh.device.type in ("cpu", "cuda"))
@@ -107,11 +119,15 @@ class TrainStep:
             last = i == len(chunks) - 1
             self.model.rng.at_row(first_row + i * chunk.shape[0])
             sync = contextlib.nullcontext() if last or self.wrapped is self.model else self.wrapped.no_sync()
+            if last and self.zero:
+                self.optimizer.begin_sync()       # reduce-scatter each gradient bucket as backward completes it
             with sync:
                 with autocast(self.mesh.device.type, self.bf16):
                     loss = self.wrapped(chunk[:, :-1], chunk[:, 1:]) / len(chunks)
                 loss.backward()
             total += loss.detach()
+        if self.zero:
+            self.optimizer.finish_sync()
         reduce_partial_grads(self.model)          # sequence parallelism: norms, biases, ... summed over the axis
         return total
 
@@ -127,7 +143,10 @@ class TrainStep:
 
     def update(self) -> float:
         """Clip, step the optimizer, clear gradients; returns the gradient norm before clipping."""
-        grad_norm = clip_grad_norm(self.model, self.clip, self.mesh, self.batch_axis.name)
+        if self.zero:
+            grad_norm = self.optimizer.clip_grad_norm(self.clip, self.batch_axis.name)
+        else:
+            grad_norm = clip_grad_norm(self.model, self.clip, self.mesh, self.batch_axis.name)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         return grad_norm
