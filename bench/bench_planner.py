@@ -37,6 +37,7 @@ from dataclasses import asdict, dataclass
 from meshtron.mesh import parse_mesh_spec
 from meshtron.models.config import get_preset
 from meshtron.planner import ParallelLayout, Prediction, predict
+from meshtron.cli.calibrate import measure
 from meshtron.planner.calibrate import calibration_warning, cpu_profile
 
 CORES = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
@@ -289,7 +290,7 @@ def run(threads_per_rank: int | None, recalibrate: bool, repeats: int, budget_s:
     preds, runs, threads = [], [[] for _ in cases], []
     for i, case in enumerate(cases):
         threads.append(threads_per_rank or max(1, CORES // case.layout().devices))
-        hw = cpu_profile(threads[-1], recalibrate=recalibrate and i == 0)
+        hw = cpu_profile(threads[-1], recalibrate=recalibrate and i == 0, measure=measure)
         warning = calibration_warning(hw)
         if warning and i == 0:
             print(f"warning: {warning}", file=sys.stderr)
@@ -372,7 +373,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         print(json.dumps(results, indent=1))
         return 0 if all(r["ok"] for r in results) else 1
-    hw = cpu_profile(1)
+    hw = cpu_profile(1, measure=measure)
     lines = table(results)
     footer = [f"targets: memory within ±{MEMORY_TOLERANCE:.0%}, step time within ±{TIME_TOLERANCE:.0%}; "
               f"{sum(r['ok'] for r in results)}/{len(results)} cases within both; {elapsed:.0f} s",

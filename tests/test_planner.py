@@ -36,7 +36,7 @@ TABLE_1 = [
 # deeper (interleaved) pipeline to be faster, while the paper filled the 8-GPU model axis before adding pipeline
 # stages (its "Takeaway #1"). Limited to the paper's pipeline depth, the paper's layout is the planner's first.
 DEEPER_PIPELINE_PREFERRED = {18.4, 39.1}
-PAPER_OPTIONS = dict(recompute=True, sequence_parallel=False, sharded_optimizer=False)  # Megatron in 2021
+PAPER_OPTIONS = dict(recompute="full", sequence_parallel=False, sharded_optimizer=False)  # Megatron in 2021
 
 
 def paper_model(heads: int, hidden: int, layers: int) -> ModelConfig:
@@ -132,8 +132,8 @@ def test_allocator_and_optimizer_step_memory():
 def test_bytes_per_parameter_table():
     assert sum(cm.state_bytes_per_param("fp32", False, 4)) == 16
     assert sum(cm.state_bytes_per_param("fp32", True, 4)) == 8 + 8 / 4
-    assert sum(cm.state_bytes_per_param("bf16", False, 4)) == 18
-    assert sum(cm.state_bytes_per_param("bf16", True, 4)) == 6 + 12 / 4
+    assert sum(cm.state_bytes_per_param("bf16", False, 4)) == 16           # meshtron keeps fp32 master weights
+    assert sum(cm.state_bytes_per_param("bf16", True, 4)) == 8 + 8 / 4
 
 
 def test_pipeline_bubble_and_memory_options():
@@ -145,7 +145,7 @@ def test_pipeline_bubble_and_memory_options():
     assert pred.time["bubble"] == pytest.approx(pred.time["compute"] * 3 / m, rel=0.05)
     inter = predict(cfg, ParallelLayout(dp=2, tp=1, pp=4, micro_batch=2, virtual_stages=2), A100, **base)
     assert inter.time["bubble"] < pred.time["bubble"]
-    recompute = predict(cfg, ParallelLayout(dp=2, pp=4, micro_batch=2, recompute=True), A100, **base)
+    recompute = predict(cfg, ParallelLayout(dp=2, pp=4, micro_batch=2, recompute="full"), A100, **base)
     assert recompute.memory["activations"] < pred.memory["activations"]
     assert recompute.time["compute"] > pred.time["compute"]
     sharded = predict(cfg, ParallelLayout(dp=2, pp=4, micro_batch=2, sharded_optimizer=True), A100, **base)
@@ -168,6 +168,23 @@ def test_reference_table_throughput_within_10_percent(row):
     assert pred.fits
     assert pred.tflops_per_gpu == pytest.approx(tflops, rel=0.10)
     assert pred.hfu == pytest.approx(pred.tflops_per_gpu / 312)
+
+
+@pytest.mark.parametrize("row", TABLE_1, ids=lambda r: f"{r[0]}B")
+def test_reference_table_through_the_cli(row, capsys, monkeypatch, tmp_path):
+    """The same rows through `meshtron plan`, from the paper's model as a Hugging Face GPT-2 config (whose
+    dropout, transformers' default 0.1, makes attention keep its scores: no fused-attention shortcut)."""
+    size, a, h, L, t, p, n, B, tflops, mb, v = row
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "gpt2", "n_embd": h, "n_layer": L, "n_head": a,
+                                                      "n_positions": SEQ, "vocab_size": VOCAB}))
+    code, out, err = run_cli(capsys, monkeypatch, "--model", str(tmp_path), "--gpus", str(n), "--global-batch",
+                             str(B), "--seq-len", str(SEQ), "--micro-batch", str(mb), "--recompute", "full",
+                             "--sequence-parallel", "off", "--sharded-optimizer", "off", "--all", "--json")
+    assert code in (0, 1), err
+    rows = json.loads(out)
+    paper = [r for r in rows if (r["dp"], r["tp"], r["pp"], r["virtual_stages"]) == (n // (t * p), t, p, v)]
+    assert len(paper) == 1 and paper[0]["fits"]
+    assert paper[0]["tflops_per_gpu"] == pytest.approx(tflops, rel=0.10)
 
 
 @pytest.mark.parametrize("row", TABLE_1, ids=lambda r: f"{r[0]}B")
@@ -208,9 +225,9 @@ def test_cli_table_from_hf_config_names_the_pipeline(capsys, monkeypatch, tmp_pa
     (tmp_path / "config.json").write_text(json.dumps(big))
     code, out, err = run_cli(capsys, monkeypatch, "--model", str(tmp_path), "--gpus", "256", "--global-batch",
                              "1024", "--seq-len", "2048", "--top", "5")
-    assert code == 0, err
-    assert "chosen: --mesh pipe:" in out and "model:8" in out
-    assert "meshtron's trainer does not have yet" in out and "fits" in out
+    assert code == 1                                     # a 145B model fits only with a pipeline axis ...
+    assert "not yet" in out and "pipe:" in out and "chosen:" not in out     # ... shown, never chosen
+    assert "only layouts with a pipeline axis fit" in err and "no pipeline axis yet" in err
 
 
 @pytest.mark.parametrize("args, code, message", [
@@ -265,8 +282,12 @@ def test_profile_files(tmp_path):
 
 def test_cpu_profile_is_measured_once_and_cached(tmp_path, monkeypatch):
     monkeypatch.setenv("MESHTRON_CACHE_DIR", str(tmp_path))
+    from meshtron.cli.calibrate import measure
     from meshtron.planner.calibrate import cpu_profile
-    first = cpu_profile()
+    from meshtron.planner.hardware import HardwareError
+    with pytest.raises(HardwareError, match="run `meshtron calibrate`"):
+        cpu_profile()                                        # the planner never measures by itself
+    first = cpu_profile(measure=measure)
     start = time.perf_counter()
     again = cpu_profile()
     assert time.perf_counter() - start < 0.5 and again == first

@@ -18,6 +18,7 @@ COMMANDS = {
     "export": "export a meshtron checkpoint as a Hugging Face folder",
     "plot": "write PNG plots of a run's training and validation loss and throughput",
     "plan": "choose a mesh for a model and a cluster, predicting memory and step time",
+    "calibrate": "measure this machine for the planner's cpu profile (cached)",
 }
 
 

@@ -125,3 +125,14 @@ def _llama(hf: dict) -> ModelConfig:
         d_model=d, n_kv_head=None if kv == heads else kv, d_ff=hf["intermediate_size"],
         max_seq_len=hf["max_position_embeddings"], rope_theta=theta, norm_eps=hf.get("rms_norm_eps", 1e-6),
         tie_embeddings=_tie(hf, default=False), init_std=hf.get("initializer_range", 0.02))
+
+
+def hf_dropout(hf: dict) -> float:
+    """The dropout rate a Hugging Face config trains with (GPT-2: resid/embd/attn_pdrop; Llama: attention_dropout),
+    the largest if they differ: meshtron has one rate. 0 when none is set."""
+    names = ("resid_pdrop", "embd_pdrop", "attn_pdrop") if hf.get("model_type") in GPT2_TYPES else \
+        ("attention_dropout", "hidden_dropout")
+    rates = [float(hf[n]) for n in names if isinstance(hf.get(n), (int, float))]
+    if hf.get("model_type") in GPT2_TYPES and not rates:
+        rates = [0.1]                                         # transformers' GPT2Config defaults
+    return max(rates, default=0.0)

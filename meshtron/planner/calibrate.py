@@ -1,8 +1,11 @@
-"""The `cpu` hardware profile: this machine, measured once (GEMM, memory copy, gloo all-reduce, runtime RSS).
+"""The `cpu` hardware profile: this machine, from its cached measurement (GEMM, memory copy, gloo and
+shared-memory all-reduce, runtime RSS).
 
-Invariant: the measurement runs in a fresh interpreter (`_measure.py`, about 3 s) and is cached per machine
-(host, CPU count, torch and Python versions) under $MESHTRON_CACHE_DIR or ~/.cache/meshtron; a profile is
-always built from the cached numbers, so it is identical until the cache is removed or `recalibrate=True`.
+Invariant: no measuring happens here (the planner stays pure arithmetic plus this cache): the numbers come from
+`meshtron calibrate` (meshtron/cli/calibrate.py, a fresh interpreter, about 3 s), passed in as `measure` when the
+cache has none, and are cached per machine (host, CPU count, torch and Python versions) under
+$MESHTRON_CACHE_DIR or ~/.cache/meshtron; a profile is always built from the cached numbers, so it is
+identical until the cache is removed or recalibrated.
 """
 from __future__ import annotations
 
@@ -10,13 +13,11 @@ import hashlib
 import json
 import os
 import platform
-import subprocess
-import sys
 
 from meshtron.planner.hardware import GIB, HardwareError, HardwareProfile
 
 CPU_DEVICES_PER_NODE = 256   # a CPU run's ranks all live on this machine unless --gpus-per-node says otherwise
-CALIBRATION_VERSION = 3      # bump when _measure.py's numbers change meaning: older caches are measured again
+CALIBRATION_VERSION = 3      # bump when the measurement's numbers change meaning: older caches are measured again
 
 # --- The cpu profile's own constants: what the calibration does not measure, fitted once to meshtron's runs on
 # this kind of machine (bench/bench_planner.py: GPT and Llama shapes, meshes model:1 to batch:2,model:2, with
@@ -49,34 +50,33 @@ def machine_key() -> str:
     return hashlib.sha1("|".join(parts).encode()).hexdigest()[:16]
 
 
-def measure() -> dict:
-    """Run `_measure.py` in a fresh interpreter and return its numbers."""
-    script = os.path.join(os.path.dirname(__file__), "_measure.py")
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    try:
-        done = subprocess.run([sys.executable, script], capture_output=True, text=True, timeout=120, env=env)
-    except subprocess.TimeoutExpired:
-        raise HardwareError("calibrating the cpu profile timed out after 120 s") from None
-    if done.returncode != 0:
-        tail = done.stderr.strip().splitlines()[-3:]
-        raise HardwareError("calibrating the cpu profile failed: " + " | ".join(tail))
-    return json.loads(done.stdout.strip().splitlines()[-1])
+def cache_path() -> str:
+    return os.path.join(cache_dir(), f"cpu-profile-{machine_key()}.json")
 
 
-def calibration(recalibrate: bool = False) -> dict:
-    """The cached measurement for this machine, measuring first if there is none."""
-    path = os.path.join(cache_dir(), f"cpu-profile-{machine_key()}.json")
+def save_calibration(numbers: dict) -> str:
+    """Cache a measurement of this machine (atomically); returns the file."""
+    path = cache_path()
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path + ".tmp", "w") as f:
+        json.dump(numbers, f, indent=1)
+    os.replace(path + ".tmp", path)
+    return path
+
+
+def calibration(recalibrate: bool = False, measure=None) -> dict:
+    """The cached measurement for this machine; with none (or `recalibrate`), `measure()`'s numbers, cached."""
+    path = cache_path()
     if not recalibrate and os.path.isfile(path):
         try:
             with open(path) as f:
                 return json.load(f)
         except (OSError, ValueError):
             pass                                            # unreadable cache: measure again
+    if measure is None:
+        raise HardwareError("this machine has no cpu profile yet: run `meshtron calibrate` (about 3 s) first")
     numbers = measure()
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path + ".tmp", "w") as f:
-        json.dump(numbers, f, indent=1)
-    os.replace(path + ".tmp", path)
+    save_calibration(numbers)
     return numbers
 
 
@@ -93,10 +93,11 @@ def total_ram_bytes() -> int:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
-def cpu_profile(threads_per_rank: int = 1, *, recalibrate: bool = False) -> HardwareProfile:
+def cpu_profile(threads_per_rank: int = 1, *, recalibrate: bool = False, measure=None) -> HardwareProfile:
     """This machine as a 'device' per rank: each rank computes with `threads_per_rank` threads (ranks that share
-    the cores slow down, see `cost_model.compute_rate`), all ranks share the RAM, links are gloo over loopback."""
-    m = calibration(recalibrate)
+    the cores slow down, see `cost_model.compute_rate`), all ranks share the RAM, links are gloo over loopback.
+    `measure` (meshtron.cli.calibrate.measure) supplies the numbers when none are cached."""
+    m = calibration(recalibrate, measure)
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     latency_us = m["allreduce_latency_s"] * 1e6
     # a 2-rank ring all-reduce of N bytes takes N/bw + 2 steps of latency (cost_model.all_reduce_time)

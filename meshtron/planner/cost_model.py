@@ -23,6 +23,8 @@ MEMORY_HEADROOM = 0.9      # share of device memory a layout may fill: the cachi
                            # transient buffers (collective staging, workspaces) take the rest
 DP_OVERLAP = 1.0           # share of the last micro-batch's backward that can hide the gradient reduction
 
+RECOMPUTE = ("none", "selective", "full")
+
 # --- Fixed facts --------------------------------------------------------------------------------------------
 DTYPE_BYTES = {"bf16": 2, "fp16": 2, "tf32": 4, "fp32": 4}
 MASK_BYTES = 1             # a dropout mask element (Korthikanti et al. 2022, section 4.1)
@@ -32,6 +34,7 @@ ADAM_TEMP_BYTES = 0        # meshtron's TrainStep uses torch.optim.AdamW(fused=T
                            # in place (the foreach implementation allocated sqrt(v), 4 bytes per parameter)
 ACCUMULATION_GRAD_BYTES = 4  # DDP with gradient_as_bucket_view: gradients are views of its fp32 buckets, except
                              # while micro-batches accumulate under no_sync, where they are tensors of their own
+                             # (the distributed optimizer's gradients are always views of its buckets)
 NORM_STORED = {"gpt": 1,   # tensors of s·b·h a norm keeps for its backward: torch's fused LayerNorm its input;
                "llama": 2} # meshtron's RMSNorm (PyTorch ops, fp32 as Llama) its input and the normalised x
 
@@ -43,14 +46,23 @@ class ParallelLayout:
     tp: int = 1
     pp: int = 1
     micro_batch: int = 1
-    recompute: bool = False           # full activation recompute (checkpoint every layer's input)
+    recompute: str = "none"           # none | selective (core attention) | full (every layer's input only)
     sequence_parallel: bool = False   # Korthikanti et al.: norms/dropout split over the model axis
     sharded_optimizer: bool = False   # Megatron's distributed optimizer: fp32 state split over dp
     virtual_stages: int = 1           # interleaved 1F1B: layer chunks per pipeline rank (v)
 
+    def __post_init__(self):
+        if self.recompute not in RECOMPUTE:
+            raise ValueError(f"recompute {self.recompute!r} is unknown: use one of {', '.join(RECOMPUTE)}")
+
     @property
     def devices(self) -> int:
         return self.dp * self.tp * self.pp
+
+    @property
+    def runnable(self) -> bool:
+        """Whether meshtron's trainer runs this layout today (it has no pipeline axis yet)."""
+        return self.pp == 1
 
     @property
     def mesh(self) -> str:
@@ -86,7 +98,8 @@ class Prediction:
         lay = self.layout
         return {"mesh": lay.mesh, "dp": lay.dp, "tp": lay.tp, "pp": lay.pp, "micro_batch": lay.micro_batch,
                 "recompute": lay.recompute, "sequence_parallel": lay.sequence_parallel,
-                "sharded_optimizer": lay.sharded_optimizer, "memory_gb": round(self.memory_gb, 3),
+                "sharded_optimizer": lay.sharded_optimizer, "virtual_stages": lay.virtual_stages,
+                "runnable": lay.runnable, "memory_gb": round(self.memory_gb, 3),
                 "fits": self.fits, "step_time_s": self.step_time_s, "tokens_per_s": self.tokens_per_s,
                 "tflops_per_gpu": self.tflops_per_gpu, "mfu": self.mfu, "hfu": self.hfu,
                 "memory_breakdown_gb": {k: v / GIB for k, v in self.memory.items()},
@@ -96,16 +109,14 @@ class Prediction:
 # --- Memory terms -----------------------------------------------------------------------------------------------
 
 def state_bytes_per_param(dtype: str, sharded: bool, dp: int) -> tuple[float, float, float]:
-    """(params, grads, optimizer) bytes per parameter with Adam.
+    """(params, grads, optimizer) bytes per parameter with Adam, as meshtron's trainer keeps them.
 
-    REFERENCE.md, "Data parallelism and optimizer memory" (Megatron's distributed optimizer): fp32 params and
-    grads: 4 + 4 + 8 = 16 plain, 8 + 8/d sharded; 16-bit params with fp32 grads: 2 + 4 + 12 (fp32 master copy
-    and both Adam moments) = 18 plain, 6 + 12/d sharded."""
-    if DTYPE_BYTES[dtype] == 4:
-        params, grads, optimizer = 4.0, 4.0, 8.0
-    else:
-        params, grads, optimizer = 2.0, 4.0, 12.0
-    return params, grads, optimizer / dp if sharded else optimizer
+    Rajbhandari et al. 2020 (REFERENCE.md, "Data parallelism and optimizer memory"), float32 case: 4 + 4 + 8 = 16
+    plain, 4 + 4 + 8/d with the optimizer state sharded over d data-parallel ranks (ZeRO-1). meshtron's bf16 and
+    fp16 runs autocast the GEMMs and keep float32 parameters (the master weights) and gradients, so the same
+    table holds for every dtype; Megatron-LM's 16-bit parameters with a float32 master copy would be
+    2 + 4 + 12 (18) and 6 + 12/d."""
+    return 4.0, 4.0, 8.0 / dp if sharded else 8.0
 
 
 def layer_params(cfg: ModelConfig) -> tuple[int, int]:
@@ -163,6 +174,13 @@ def layer_activation_bytes(cfg: ModelConfig, s: int, b: int, tp: int, sp: bool, 
     return s * b * h * (per_sbh + scores)
 
 
+def score_bytes(cfg: ModelConfig, s: int, b: int, tp: int, elem: int, dropout: bool) -> float:
+    """The s² tensors explicit attention keeps (softmax output, dropout mask and output): what selective recompute
+    (Korthikanti et al. 2022, section 5) drops, (e + (e + m)·[dropout])·a·s²·b/t."""
+    m = MASK_BYTES if dropout else 0
+    return (elem + (elem + m if dropout else 0)) * cfg.n_head * s * s * b / tp
+
+
 def checkpoint_bytes(cfg: ModelConfig, s: int, b: int, tp: int, sp: bool, elem: int) -> float:
     """Bytes one layer stores with full recompute: its input, s·b·h elements (Korthikanti et al. 2022, Table 2:
     2·s·b·h for 16-bit), split over t with sequence parallelism (Megatron checkpoints the sharded input)."""
@@ -215,13 +233,22 @@ def logits_forward_flops(cfg: ModelConfig, s: int, b: int) -> float:
     return 2 * s * b * cfg.d_model * cfg.vocab_size
 
 
-def training_flops(cfg: ModelConfig, global_batch: int, s: int, recompute: bool) -> float:
+def attention_score_flops(cfg: ModelConfig, s: int, b: int) -> float:
+    """Forward FLOPs of QKᵀ and attention·V in one layer, 4·b·s²·h: what selective recompute runs again."""
+    return 4 * b * s * s * cfg.d_model
+
+
+def training_flops(cfg: ModelConfig, global_batch: int, s: int, recompute) -> float:
     """FLOPs of one iteration: backward = 2x forward; full recompute runs each layer's forward again, not the
-    output layer's. For GPT this is exactly Narayanan et al. 2021's 96·B·s·L·h²·(1 + s/(6h) + V/(16·L·h)).
+    output layer's; selective recompute runs only the attention scores again (4·b·s²·h per layer). For GPT
+    with full recompute this is exactly Narayanan et al. 2021's 96·B·s·L·h²·(1 + s/(6h) + V/(16·L·h)).
     Without recompute the layers' factor is 72 instead of 96; the output layer keeps its 6·B·s·h·V (scaling
-    the V term by 72/96 too, as the shorthand suggests, would undercount it by a quarter)."""
-    layer_passes = 4 if recompute else 3
-    return (cfg.n_layer * layer_passes * layer_forward_flops(cfg, s, global_batch)
+    the V term by 72/96 too, as the shorthand suggests, would undercount it by a quarter). `recompute` is a
+    RECOMPUTE kind (True/False mean full/none)."""
+    kind = {True: "full", False: "none"}.get(recompute, recompute)
+    layer_passes = 4 if kind == "full" else 3
+    extra = cfg.n_layer * attention_score_flops(cfg, s, global_batch) if kind == "selective" else 0.0
+    return (cfg.n_layer * layer_passes * layer_forward_flops(cfg, s, global_batch) + extra
             + 3 * logits_forward_flops(cfg, s, global_batch))
 
 
@@ -254,11 +281,18 @@ def gather_time(nbytes: float, n: int, bw: float, latency: float) -> float:
     return 0.0 if n == 1 else (n - 1) / n * nbytes / bw + (n - 1) * latency
 
 
-def tp_collectives_per_layer(recompute: bool) -> int:
+def tp_collectives_per_layer(recompute: str) -> int:
     """All-reduces of s·b·h per layer and micro-batch over the model axis: 2 forward + 2 backward, and 2 more
-    with full recompute (Shoeybi et al. 2019; Korthikanti et al. 2022). Sequence parallelism turns each into a
-    reduce-scatter + all-gather pair with the same bytes, hence the same time."""
-    return 6 if recompute else 4
+    with full recompute (Shoeybi et al. 2019; Korthikanti et al. 2022); selective recompute adds none.
+    Sequence parallelism turns each into a reduce-scatter + all-gather pair with the same bytes, hence the
+    same time (plus Megatron's backward re-gather of the two column GEMMs' inputs: `sp_regathers_per_layer`)."""
+    return 6 if recompute == "full" else 4
+
+
+def sp_regathers_per_layer(sequence_parallel: bool) -> int:
+    """All-gathers of s·b·h per layer in backward with sequence parallelism: the QKV and fc1 inputs are stored
+    split over the model axis and gathered again for the weight gradients (Megatron-LM's layers.py)."""
+    return 2 if sequence_parallel else 0
 
 
 # --- Time terms -----------------------------------------------------------------------------------------------
@@ -322,8 +356,10 @@ def predict(cfg: ModelConfig, layout: ParallelLayout, hw: HardwareProfile, *, gl
     on_node = min(lay.devices, hw.devices_per_node)
     fits = memory["total"] * (on_node if hw.shared_memory else 1) <= MEMORY_HEADROOM * hw.memory_bytes
     step, peak = time["step"], hw.peak_flops(dtype)
-    executed = training_flops(cfg, global_batch, seq_len, lay.recompute) / step / lay.devices
-    model = training_flops(cfg, global_batch, seq_len, False) / step / lay.devices
+    executed = training_flops(cfg, global_batch, seq_len, lay.recompute if not (fused and lay.recompute ==
+                                                                              "selective") else "none")
+    executed = executed / step / lay.devices
+    model = training_flops(cfg, global_batch, seq_len, "none") / step / lay.devices
     return Prediction(lay, global_batch, seq_len, memory, time, fits, tokens_per_s=global_batch * seq_len / step,
                       tflops_per_gpu=executed / 1e12, mfu=model / peak, hfu=executed / peak)
 
@@ -336,8 +372,11 @@ def predict_memory(cfg: ModelConfig, lay: ParallelLayout, hw: HardwareProfile, g
     m = global_batch // (lay.dp * b)
     dropout = cfg.dropout > 0
     full_layer = layer_activation_bytes(cfg, s, b, t, lay.sequence_parallel, e, dropout, fused)
-    if lay.recompute:   # checkpoints of every layer, plus one layer's full activations while it recomputes
+    if lay.recompute == "full":   # every layer's input, plus one layer's activations while it recomputes
         stored_layer, working = checkpoint_bytes(cfg, s, b, t, lay.sequence_parallel, e), full_layer
+    elif lay.recompute == "selective" and not fused:   # no s² scores; one layer's while it recomputes them
+        scores = score_bytes(cfg, s, b, t, e, dropout)
+        stored_layer, working = full_layer - scores, scores
     else:
         stored_layer, working = full_layer, 0.0
     per_param = state_bytes_per_param(dtype, lay.sharded_optimizer, lay.dp)
@@ -353,7 +392,7 @@ def predict_memory(cfg: ModelConfig, lay: ParallelLayout, hw: HardwareProfile, g
                "activations": acts}
         # the optimizer step runs after the backward has freed the activations: only its excess shows
         mem["optimizer_step"] = max(0.0, optimizer_temp_bytes(n, lay.sharded_optimizer, lay.dp) - acts)
-        if lay.dp > 1 and m > 1 and p == 1:    # gradient accumulation under DDP: a second copy of the gradients
+        if lay.dp > 1 and m > 1 and p == 1 and not lay.sharded_optimizer:   # DDP accumulating: a 2nd gradient copy
             mem["accumulation"] = n * ACCUMULATION_GRAD_BYTES
         mem["allocator"] = hw.allocator_overhead * sum(mem.values())
         mem["runtime"] = hw.runtime_overhead_bytes
@@ -374,12 +413,17 @@ def predict_time(cfg: ModelConfig, lay: ParallelLayout, hw: HardwareProfile, glo
     dp_link = link(hw, crosses_nodes(t, d, lay.devices, per_node))
     pp_link = link(hw, crosses_nodes(t * d, p, lay.devices, per_node))
 
-    passes = 4 if lay.recompute else 3                     # forward, backward (2x forward), recomputed forward
+    passes = 4 if lay.recompute == "full" else 3          # forward, backward (2x forward), recomputed forward
     full_layer = layer_activation_bytes(cfg, s, b, t, lay.sequence_parallel, e, cfg.dropout > 0, fused)
     layer_compute = passes * (layer_forward_flops(cfg, s, b) / t / flops_s
                               + elementwise_time(full_layer, mem_bw, hw.elementwise_passes))
+    if lay.recompute == "selective" and not fused:         # the scores once more: QKᵀ, softmax, dropout, ·V
+        scores = score_bytes(cfg, s, b, t, e, cfg.dropout > 0)
+        layer_compute += (attention_score_flops(cfg, s, b) / t / flops_s
+                          + elementwise_time(scores, mem_bw, hw.elementwise_passes))
     act = s * b * cfg.d_model * e                          # one s·b·h activation
-    layer_tp = tp_collectives_per_layer(lay.recompute) * all_reduce_time(act, t, *tp_link)
+    layer_tp = (tp_collectives_per_layer(lay.recompute) * all_reduce_time(act, t, *tp_link)
+                + sp_regathers_per_layer(lay.sequence_parallel) * gather_time(act, t, *tp_link))
     embed_tp = all_reduce_time(act, t, *tp_link)           # vocab-parallel embedding: one all-reduce forward
     head_tp = all_reduce_time(act, t, *tp_link) + 3 * all_reduce_time(4 * s * b, t, *tp_link)  # f, and the
     head_compute = 3 * logits_forward_flops(cfg, s, b) / t / flops_s                        # loss's 3 of s·b

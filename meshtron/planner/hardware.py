@@ -146,11 +146,12 @@ def load_profile_file(path: str) -> HardwareProfile:
     return profile_from_dict(data, source=path)
 
 
-def get_profile(name_or_path: str, *, recalibrate: bool = False) -> HardwareProfile:
-    """A built-in name, `cpu` (calibrated on this machine, cached), or a path to a profile file."""
+def get_profile(name_or_path: str, *, recalibrate: bool = False, measure=None) -> HardwareProfile:
+    """A built-in name, `cpu` (this machine's cached calibration; `measure` supplies one if none), or a path to a
+    profile file."""
     if name_or_path == "cpu":
         from meshtron.planner.calibrate import cpu_profile
-        return cpu_profile(recalibrate=recalibrate)
+        return cpu_profile(recalibrate=recalibrate, measure=measure)
     if name_or_path in BUILTIN:
         return BUILTIN[name_or_path]
     if os.path.isfile(name_or_path):

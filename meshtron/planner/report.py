@@ -10,7 +10,7 @@ from meshtron.planner.cost_model import Prediction
 from meshtron.planner.hardware import GIB
 from meshtron.planner.search import Plan
 
-COLUMNS = ["#", "mesh", "dp", "tp", "pp", "v", "mb", "recomp", "sp", "shard-opt", "mem GiB", "fits", "step s",
+COLUMNS = ["#", "mesh", "dp", "tp", "pp", "v", "mb", "recomp", "sp", "zero", "mem GiB", "fits", "runs", "step s",
            "tok/s", "TFLOP/s", "MFU"]
 
 
@@ -21,9 +21,10 @@ def _yes(flag: bool) -> str:
 def row(rank: int, p: Prediction) -> list[str]:
     lay = p.layout
     return [str(rank), lay.mesh, str(lay.dp), str(lay.tp), str(lay.pp), str(lay.virtual_stages),
-            str(lay.micro_batch), _yes(lay.recompute), _yes(lay.sequence_parallel) if lay.tp > 1 else "-",
-            _yes(lay.sharded_optimizer) if lay.dp > 1 else "-", f"{p.memory_gb:.1f}",
-            "yes" if p.fits else "NO", f"{p.step_time_s:.4g}", f"{p.tokens_per_s:,.0f}",
+            str(lay.micro_batch), {"none": "-", "selective": "sel", "full": "full"}[lay.recompute],
+            _yes(lay.sequence_parallel) if lay.tp > 1 else "-", ("1" if lay.sharded_optimizer else "0")
+            if lay.dp > 1 else "-", f"{p.memory_gb:.1f}", "yes" if p.fits else "NO",
+            "yes" if lay.runnable else "not yet", f"{p.step_time_s:.4g}", f"{p.tokens_per_s:,.0f}",
             f"{p.tflops_per_gpu:.4g}", f"{p.mfu:.1%}"]
 
 
@@ -46,7 +47,7 @@ def header(plan: Plan, model_name: str) -> str:
 
 
 def _options(lay) -> str:
-    parts = [f"micro-batch {lay.micro_batch}", f"activation recompute {'on' if lay.recompute else 'off'}"]
+    parts = [f"micro-batch {lay.micro_batch}", f"activation recompute {lay.recompute}"]
     if lay.tp > 1:
         parts.append(f"sequence parallel {'on' if lay.sequence_parallel else 'off'}")
     if lay.dp > 1:
@@ -54,6 +55,24 @@ def _options(lay) -> str:
     if lay.virtual_stages > 1:
         parts.append(f"interleaved schedule, {lay.virtual_stages} chunks per pipeline rank")
     return "; ".join(parts)
+
+
+def train_flags(p: Prediction, model_args: str = "") -> str:
+    """The `meshtron train` command line that runs prediction `p`: mesh, layout, recompute, ZeRO, and the global
+    batch as --batch-size with --micro-batches the accumulation count (micro-batches per step per batch rank)."""
+    lay = p.layout
+    flags = [f"--mesh {lay.mesh}"]
+    if lay.sequence_parallel:
+        rules = [r for r in ("batch:batch", "heads:model", "kv_heads:model", "d_ff:model", "vocab:model",
+                             "seq:model") if lay.dp > 1 or not r.startswith("batch")]
+        flags.append(f'--layout "{";".join(rules)}"')
+    if lay.recompute != "none":
+        flags.append(f"--recompute {lay.recompute}")
+    if lay.sharded_optimizer:
+        flags.append("--zero 1")
+    accumulation = p.global_batch // (lay.dp * lay.micro_batch)
+    flags += [f"--batch-size {p.global_batch}", f"--micro-batches {accumulation}", f"--seq-len {p.seq_len}"]
+    return "meshtron train " + (model_args + " " if model_args else "") + " ".join(flags)
 
 
 def explain(p: Prediction) -> str:
@@ -72,21 +91,18 @@ def explain(p: Prediction) -> str:
                                                                                           "allocator")))
 
 
-def chosen(plan: Plan) -> str:
+def chosen(plan: Plan, model_args: str = "") -> str:
     best = plan.best
-    lines = [f"chosen: --mesh {best.layout.mesh}   ({_options(best.layout)})", explain(best)]
-    if best.layout.pp > 1:
-        lines.append("  note: this layout uses pipeline parallelism (the 'pipe' axis), which meshtron's trainer "
-                     "does not have yet; run it with a pipeline-capable trainer (e.g. Megatron-LM).")
-        flat = next((p for p in plan.ranked if p.fits and p.layout.pp == 1), None)
-        if flat is not None:
-            slower = flat.step_time_s / best.step_time_s - 1
-            lines.append(f"  best layout without a pipeline: --mesh {flat.layout.mesh}   "
-                         f"({_options(flat.layout)}), {slower:.0%} slower")
-        else:
-            lines.append("  no layout without a pipeline fits in memory.")
+    lines = [f"chosen: --mesh {best.layout.mesh}   ({_options(best.layout)})", explain(best),
+             f"  run it: {train_flags(best, model_args)}"]
+    overall = plan.best_overall
+    if overall is not None and overall is not best:
+        faster = best.step_time_s / overall.step_time_s - 1
+        lines.append(f"  not yet runnable: --mesh {overall.layout.mesh} ({_options(overall.layout)}) would be "
+                     f"{faster:.0%} faster with a pipeline axis, which meshtron's trainer does not have yet")
     return "\n".join(lines)
 
 
-def to_json(preds: list[Prediction]) -> str:
-    return json.dumps([p.as_dict() for p in preds], indent=1)
+def to_json(preds: list[Prediction], model_args: str = "") -> str:
+    return json.dumps([{**p.as_dict(), "train_command": train_flags(p, model_args) if p.layout.runnable else None}
+                       for p in preds], indent=1)

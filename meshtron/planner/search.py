@@ -3,7 +3,9 @@
 Invariant: a layout reaches the cost model only if it is legal: dp·tp·pp equals the device count, the model
 axis passes meshtron's layout-rule checks (heads, kv_heads, d_ff, batch divisible) and stays inside a node
 unless allowed, pp divides the layers, the micro-batch divides each data-parallel rank's share of the batch.
-Ranking: layouts that fit in memory first, then by step time. Every rejection keeps its reason.
+Ranking: layouts that fit in memory first, then by step time; the chosen layout (`Plan.best`) is the first
+one `meshtron train` runs (a pipeline axis is shown, marked not yet runnable, never chosen). Every rejection
+keeps its reason.
 """
 from __future__ import annotations
 
@@ -12,7 +14,7 @@ from dataclasses import dataclass, field
 
 from meshtron.layout import LayoutError, LayoutRules, validate
 from meshtron.models.config import ModelConfig
-from meshtron.planner.cost_model import ParallelLayout, Prediction, predict
+from meshtron.planner.cost_model import RECOMPUTE, ParallelLayout, Prediction, predict
 from meshtron.planner.hardware import HardwareProfile
 
 
@@ -26,6 +28,14 @@ def divisors(n: int) -> list[int]:
 
 def _choices(option: bool | None) -> tuple[bool, ...]:
     return (False, True) if option is None else (option,)
+
+
+def _recompute_choices(option, fused_attention: bool) -> tuple[str, ...]:
+    """Recompute kinds to try: all (selective only where attention keeps s² scores), or the one asked for."""
+    if option is None:
+        return ("none", "full") if fused_attention else ("none", "selective", "full")
+    kind = {True: "full", False: "none"}.get(option, option)
+    return (kind,)
 
 
 @dataclass
@@ -53,8 +63,13 @@ class Plan:
 
     @property
     def best(self) -> Prediction | None:
-        """The fastest layout that fits, or None."""
-        return self.ranked[0] if self.ranked and self.ranked[0].fits else None
+        """The fastest layout that fits and that `meshtron train` runs, or None."""
+        return next((p for p in self.ranked if p.fits and p.layout.runnable), None)
+
+    @property
+    def best_overall(self) -> Prediction | None:
+        """The fastest layout that fits, runnable by meshtron or not (a pipeline axis)."""
+        return next((p for p in self.ranked if p.fits), None)
 
     def rank_of(self, dp: int, tp: int, pp: int) -> int | None:
         """1-based rank of a mesh among `per_mesh`, or None if it was not legal."""
@@ -97,14 +112,15 @@ def legal_meshes(cfg: ModelConfig, devices: int, per_node: int, global_batch: in
 
 
 def enumerate_layouts(cfg: ModelConfig, devices: int, per_node: int, global_batch: int, *,
-                      micro_batch: int | None = None, recompute: bool | None = None,
+                      micro_batch: int | None = None, recompute=None,
                       sequence_parallel: bool | None = None, sharded_optimizer: bool | None = None,
-                      interleave: bool = True, allow_cross_node_tp: bool = False, max_pp: int | None = None
-                      ) -> tuple[list[ParallelLayout], list[str]]:
-    """Every legal layout; an option left None is tried both ways (sequence parallelism only when tp > 1,
-    the sharded optimizer only when dp > 1, where they change anything). With `interleave`, pipelines of more
-    than 2 stages also try v > 1 layer chunks per rank where v divides the layers per stage and the
-    micro-batch count is a multiple of pp (Megatron's conditions for the interleaved schedule)."""
+                      interleave: bool = True, allow_cross_node_tp: bool = False, max_pp: int | None = None,
+                      fused_attention: bool = False) -> tuple[list[ParallelLayout], list[str]]:
+    """Every legal layout; an option left None is tried every way (sequence parallelism only when tp > 1 and
+    the sequence splits over it, the sharded optimizer only when dp > 1, selective recompute only where
+    attention keeps its s² scores: where they change anything). With `interleave`, pipelines of more than 2
+    stages also try v > 1 layer chunks per rank where v divides the layers per stage and the micro-batch count
+    is a multiple of pp (Megatron's conditions for the interleaved schedule)."""
     meshes, reasons = legal_meshes(cfg, devices, per_node, global_batch,
                                    allow_cross_node_tp=allow_cross_node_tp, max_pp=max_pp)
     layouts = []
@@ -117,7 +133,7 @@ def enumerate_layouts(cfg: ModelConfig, devices: int, per_node: int, global_batc
         bs = [micro_batch] if micro_batch is not None else divisors(share)
         sps = _choices(sequence_parallel) if tp > 1 else (False,)
         zeros = _choices(sharded_optimizer) if dp > 1 else (False,)
-        for b, rc, sp, zero in itertools.product(bs, _choices(recompute), sps, zeros):
+        for b, rc, sp, zero in itertools.product(bs, _recompute_choices(recompute, fused_attention), sps, zeros):
             chunks = [1]
             if interleave and pp > 2 and (share // b) % pp == 0:
                 chunks += [v for v in divisors(cfg.n_layer // pp) if v > 1]
@@ -136,7 +152,18 @@ def plan(cfg: ModelConfig, hw: HardwareProfile, devices: int, *, global_batch: i
                         f"--seq-len {cfg.max_seq_len} or less")
     dtype = dtype or hw.default_dtype
     hw.peak_flops(dtype)                                   # fails early with a clear message
-    layouts, reasons = enumerate_layouts(cfg, devices, hw.devices_per_node, global_batch, **options)
+    fused = cfg.dropout == 0 if fused_attention is None else fused_attention
+    layouts, reasons = enumerate_layouts(cfg, devices, hw.devices_per_node, global_batch, fused_attention=fused,
+                                         **options)
+    if seq_len is not None:
+        kept = []
+        for lay in layouts:
+            if lay.sequence_parallel and seq_len % lay.tp:
+                reasons.append(f"dp={lay.dp}, tp={lay.tp}, pp={lay.pp}: sequence parallelism needs the sequence "
+                               f"({seq_len}) divisible by tp={lay.tp}")
+            else:
+                kept.append(lay)
+        layouts = kept
     if not layouts:
         shown = reasons[:12] + ([f"... and {len(reasons) - 12} more"] if len(reasons) > 12 else [])
         raise PlanError(f"no legal layout of {devices} device(s) ({hw.devices_per_node} per node) for global "
@@ -144,5 +171,5 @@ def plan(cfg: ModelConfig, hw: HardwareProfile, devices: int, *, global_batch: i
     preds = [predict(cfg, lay, hw, global_batch=global_batch, seq_len=seq_len, dtype=dtype,
                      fused_attention=fused_attention) for lay in layouts]
     preds.sort(key=lambda x: (not x.fits, x.step_time_s if x.fits else x.memory["total"], x.memory["total"],
-                              x.layout.pp, x.layout.tp))
+                              x.layout.pp, x.layout.tp, RECOMPUTE.index(x.layout.recompute)))
     return Plan(cfg, hw, devices, global_batch, seq_len, dtype, preds, reasons)

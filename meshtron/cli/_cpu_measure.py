@@ -1,4 +1,5 @@
-"""The cpu profile's measurement, run as a script in a fresh interpreter; prints one JSON object.
+"""The cpu profile's measurement (`meshtron calibrate`), run as a script in a fresh interpreter; prints one JSON
+object. It lives beside the CLI, not in the planner: the planner only reads what this measured.
 
 Invariant: imports only torch (meshtron only after the resident sizes are read, to time its shared-memory
 all-reduce), so the resident size it reports is that of a rank's runtime;
