@@ -21,8 +21,9 @@ DIMENSIONS = {
     "d_model": "model width (residual stream)",
     "seq": "sequence positions of the residual stream (sequence parallelism)",
     "head_dim": "width of one attention head",
+    "layers": "transformer layers (pipeline parallelism: contiguous stages)",
 }
-SPLITTABLE = ("batch", "vocab", "heads", "kv_heads", "d_ff", "seq")
+SPLITTABLE = ("batch", "vocab", "heads", "kv_heads", "d_ff", "seq", "layers")
 
 # The named shape of every tensor the models build (parameters and activations). Two dimensions of one
 # tensor may never map to the same mesh axis. `seq` names the sequence dimension only where it can be split
@@ -43,7 +44,7 @@ TENSORS = {
     "logits": ("batch", "vocab"),
 }
 
-DEFAULT_RULES = "batch:batch;heads:model;kv_heads:model;d_ff:model;vocab:model"
+DEFAULT_RULES = "batch:batch;heads:model;kv_heads:model;d_ff:model;vocab:model;layers:pipe"
 
 
 class LayoutError(ValueError):
@@ -143,6 +144,16 @@ def validate(rules: LayoutRules, mesh_shape: dict[str, int], sizes: dict[str, in
             raise LayoutError(f"layout rule 'seq:{axis}' with 'vocab:{dims['vocab']}': with sequence parallelism "
                               f"the vocabulary is split over the sequence's axis or not at all: use 'vocab:{axis}' "
                               f"or drop the vocab rule")
+    if "layers" in dims:
+        axis = dims["layers"]
+        others = [d for d, a in dims.items() if a == axis and d != "layers"]
+        if others:
+            raise LayoutError(f"layout rules {str(rules)!r}: mesh axis {axis!r} splits the layers into pipeline "
+                              f"stages and cannot also split {others}: give those another axis")
+        if list(mesh_shape)[0] != axis:
+            raise LayoutError(f"the pipeline axis {axis!r} must be the first (outermost) mesh axis, as Megatron "
+                              f"orders ranks (pipe, then batch, then model): write the mesh as "
+                              f"'{axis}:{mesh_shape[axis]},' followed by the other axes")
     for tensor, names in TENSORS.items():
         used: dict[str, str] = {}
         for name in names:
@@ -155,7 +166,7 @@ def validate(rules: LayoutRules, mesh_shape: dict[str, int], sizes: dict[str, in
                     f"{used[axis]!r} and {name!r} on mesh axis {axis!r}; two dimensions of one tensor may not "
                     f"share an axis: map one of them to another axis")
             used[axis] = name
-    for dim in ("batch", "heads", "kv_heads", "d_ff", "seq"):
+    for dim in ("batch", "heads", "kv_heads", "d_ff", "seq", "layers"):
         axis = dims.get(dim)
         if axis is None or dim not in sizes:
             continue

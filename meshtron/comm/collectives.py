@@ -280,3 +280,25 @@ def reduce_scatter_dim(tensor: torch.Tensor, group, world: int, dim: int, detail
     if group is None:
         return tensor
     return reduce_scatter_dim_async(tensor, group, world, dim, detail)()
+
+
+def send_async(tensor: torch.Tensor, dst: int, group, tag: int, detail: str = "") -> Pending:
+    """Start sending `tensor` to global rank `dst` of `group` (point to point, e.g. between pipeline stages); the
+    tensor must stay alive until `wait()`."""
+    record("send", group, tensor, detail)
+    try:
+        work = dist.isend(tensor.contiguous(), dst=dst, group=group, tag=tag)
+    except Exception as e:  # noqa: BLE001
+        raise _fail(f"send to rank {dst}", group, e) from e
+    return Pending(tensor, group, work, f"send to rank {dst}")
+
+
+def recv(tensor: torch.Tensor, src: int, group, tag: int, detail: str = "") -> torch.Tensor:
+    """Receive into `tensor` from global rank `src` of `group`; a peer that never sends ends in the group's
+    timeout, named (rank, operation, peer, group)."""
+    record("recv", group, tensor, detail)
+    try:
+        dist.recv(tensor, src=src, group=group, tag=tag)
+    except Exception as e:  # noqa: BLE001
+        raise _fail(f"recv from rank {src}", group, e) from e
+    return tensor

@@ -4,8 +4,9 @@ from meshtron.models.gpt import GPT
 from meshtron.models.llama import Llama
 
 
-def build_model(config: ModelConfig, mesh, rules=None, seed: int = 0):
-    return (GPT if config.family == "gpt" else Llama)(config, mesh, rules, seed)
+def build_model(config: ModelConfig, mesh, rules=None, seed: int = 0, virtual_stages: int = 1):
+    """This rank's part of the model on `mesh` (all of it without a `pipe` axis)."""
+    return (GPT if config.family == "gpt" else Llama)(config, mesh, rules, seed, virtual_stages)
 
 
 __all__ = ["ModelConfig", "PRESETS", "get_preset", "GPT", "Llama", "build_model"]

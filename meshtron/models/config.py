@@ -61,7 +61,7 @@ class ModelConfig:
         """Sizes of the named dimensions the layout rules split."""
         return {"vocab": self.vocab_size, "heads": self.n_head, "kv_heads": self.kv_heads,
                 "d_ff": self.ffn_dim, "d_model": self.d_model, "head_dim": self.head_dim,
-                "seq": self.max_seq_len}
+                "seq": self.max_seq_len, "layers": self.n_layer}
 
     def num_params(self) -> int:
         """Parameters of the logical (unpadded) model."""

@@ -19,6 +19,7 @@ from meshtron.parallel import LayerNorm, ParallelAttention, ParallelMLP, VocabPa
 from meshtron.parallel.lm_head import VocabParallelHead
 from meshtron.parallel.random import ATTENTION_OUT, EMBEDDING, MLP_OUT, DropoutRNG, residual_dropout
 from meshtron.parallel.sharding import make_param, replicated_spec
+from meshtron.pipeline.stages import LayerStack
 
 
 class Block(nn.Module):
@@ -42,23 +43,34 @@ class Block(nn.Module):
 
 class GPT(CausalLM):
     def build(self, cfg: ModelConfig, layout: Layout) -> None:
-        self.wte = VocabParallelEmbedding(cfg.vocab_size, cfg.d_model, layout.axis("vocab"), std=cfg.init_std)
-        self.wpe = make_param(replicated_spec((cfg.max_seq_len, cfg.d_model), std=0.01))
-        self.blocks = nn.ModuleList(Block(cfg, layout, self.rng, i) for i in range(cfg.n_layer))
-        self.ln_f = LayerNorm(cfg.d_model, cfg.norm_eps)
-        self.head = VocabParallelHead(cfg.d_model, cfg.vocab_size, layout.axis("vocab"), std=cfg.init_std,
-                                      tied=self.wte if cfg.tied else None)
+        stage = self.stage
+        if stage.first or (cfg.tied and stage.last):      # the last stage of a pipeline holds a tied copy
+            self.wte = VocabParallelEmbedding(cfg.vocab_size, cfg.d_model, layout.axis("vocab"), std=cfg.init_std)
+        if stage.first:
+            self.wpe = make_param(replicated_spec((cfg.max_seq_len, cfg.d_model), std=0.01))
+        self.blocks = LayerStack({i: Block(cfg, layout, self.rng, i) for i in stage.layers})
+        if stage.last:
+            self.ln_f = LayerNorm(cfg.d_model, cfg.norm_eps)
+            self.head = VocabParallelHead(cfg.d_model, cfg.vocab_size, layout.axis("vocab"), std=cfg.init_std,
+                                          tied=self.wte if cfg.tied else None)
 
-    def hidden(self, idx: torch.Tensor, cache=None) -> torch.Tensor:
-        """`cache` (a KVCache, for decoding): positions come from it, keys and values go into it. Without a cache,
-        under sequence parallelism, the result is this rank's chunk of the sequence."""
-        seq = self.sequence_axis(idx, cache)
+    def tied_copy(self):
+        return self.wte.weight if self.config.tied and self.stage.last and not self.stage.first else None
+
+    def embedding_weight(self):
+        return self.wte.weight
+
+    @property
+    def final_norm(self):
+        return self.ln_f
+
+    def embed_tokens(self, idx: torch.Tensor, seq=None, cache=None) -> torch.Tensor:
+        """Token plus position embeddings (positions from the cache when decoding), then dropout; under sequence
+        parallelism this rank's chunk of the sequence."""
         x = self.wte(idx, seq)                                               # (B, T, d) or (B, T/t, d)
         if cache is not None:
             x = x + self.wpe[cache.positions]                                # (B, T, d): per sequence
         else:
             T, t0 = x.shape[1], 0 if seq is None else seq.coord * x.shape[1]
             x = x + self.wpe[t0:t0 + T]
-        x = residual_dropout(x, self.config.dropout, self.rng, -1, EMBEDDING, self.training, seq)
-        x = self.run_blocks(x, cache, seq)
-        return self.ln_f(x)
+        return residual_dropout(x, self.config.dropout, self.rng, -1, EMBEDDING, self.training, seq)

@@ -18,6 +18,7 @@ from meshtron.models.config import ModelConfig
 from meshtron.parallel import ParallelAttention, ParallelMLP, RMSNorm, Rotary, VocabParallelEmbedding
 from meshtron.parallel.lm_head import VocabParallelHead
 from meshtron.parallel.random import ATTENTION_OUT, MLP_OUT, DropoutRNG, residual_dropout
+from meshtron.pipeline.stages import LayerStack
 
 
 class Block(nn.Module):
@@ -42,17 +43,27 @@ class Block(nn.Module):
 
 class Llama(CausalLM):
     def build(self, cfg: ModelConfig, layout: Layout) -> None:
+        stage = self.stage
         self.rotary = Rotary(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta)
-        self.embed = VocabParallelEmbedding(cfg.vocab_size, cfg.d_model, layout.axis("vocab"), std=cfg.init_std)
-        self.blocks = nn.ModuleList(Block(cfg, layout, self.rng, self.rotary, i) for i in range(cfg.n_layer))
-        self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
-        self.head = VocabParallelHead(cfg.d_model, cfg.vocab_size, layout.axis("vocab"), std=cfg.init_std,
-                                      tied=self.embed if cfg.tied else None)
+        if stage.first or (cfg.tied and stage.last):      # the last stage of a pipeline holds a tied copy
+            self.embed = VocabParallelEmbedding(cfg.vocab_size, cfg.d_model, layout.axis("vocab"), std=cfg.init_std)
+        self.blocks = LayerStack({i: Block(cfg, layout, self.rng, self.rotary, i) for i in stage.layers})
+        if stage.last:
+            self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+            self.head = VocabParallelHead(cfg.d_model, cfg.vocab_size, layout.axis("vocab"), std=cfg.init_std,
+                                          tied=self.embed if cfg.tied else None)
 
-    def hidden(self, idx: torch.Tensor, cache=None) -> torch.Tensor:
-        """`cache` (a KVCache, for decoding): rotary positions come from it, keys and values go into it. Without a
-        cache, under sequence parallelism, the result is this rank's chunk of the sequence."""
-        seq = self.sequence_axis(idx, cache)
-        x = self.embed(idx, seq)                                             # (B, T, d) or (B, T/t, d)
-        x = self.run_blocks(x, cache, seq)
-        return self.norm(x)
+    def tied_copy(self):
+        return self.embed.weight if self.config.tied and self.stage.last and not self.stage.first else None
+
+    def embedding_weight(self):
+        return self.embed.weight
+
+    @property
+    def final_norm(self):
+        return self.norm
+
+    def embed_tokens(self, idx: torch.Tensor, seq=None, cache=None) -> torch.Tensor:
+        """Token embeddings (rotary positions are applied in attention); under sequence parallelism this rank's
+        chunk of the sequence."""
+        return self.embed(idx, seq)

@@ -158,15 +158,12 @@ class ShardedOptimizer:
     @torch.no_grad()
     def clip_grad_norm(self, max_norm: float, batch_axis_name: str | None) -> float:
         """Scale this rank's gradient chunks so the global norm is at most max_norm; returns the norm before."""
-        model_axes = [a for n, a in self.mesh.axes.items() if n != batch_axis_name and a.size > 1]
-        counted = []
-        for view, q in zip(self._views, self.pieces):
-            own = q.param.shard.axis if q.param.shard.is_split else None
-            if all(a.coord == 0 for a in model_axes if a.name != own):
-                counted.append(view.grad)
+        from meshtron.train.step import grad_norm_rule
+        counts, axes = grad_norm_rule(self.model, self.mesh)
+        counted = [view.grad for view, q in zip(self._views, self.pieces) if counts(q.param)]
         local = (torch.stack(torch._foreach_norm(counted, 2, dtype=torch.float32)).square().sum() if counted
                  else torch.zeros((), dtype=torch.float32, device=self.mesh.device))
-        for a in model_axes + [self.axis]:
+        for a in axes + [self.axis]:
             C.all_reduce(local, a.group)
         norm = local.sqrt().item()
         if max_norm > 0 and math.isfinite(norm):
