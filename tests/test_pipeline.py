@@ -66,16 +66,40 @@ def test_simulate_finds_a_deadlock():
         S.simulate(bad, 2, 1)
 
 
-def test_the_1f1b_order_is_pytorchs():
-    """Our 1F1B and interleaved orders are those of torch.distributed.pipelining's Schedule1F1B and
-    ScheduleInterleaved1F1B, compute actions only."""
-    from torch.distributed.pipelining import schedules as T
-    got = S.build("1f1b", 4, 8)
-    for rank in range(4):
-        theirs = T._format_pipeline_order if False else None  # noqa: F841 - the order is derived below
-    # PyTorch's 1F1B: warm-up P - s - 1 forwards, steady 1F1B, cool-down (the same definition)
-    for s, acts in enumerate(got):
-        assert [str(a) for a in acts[:3 - s]] == [f"F{m}" for m in range(3 - s)]
+def test_1f1b_order_is_pytorchs():
+    """torch.distributed.pipelining's Schedule1F1B: stage s runs min(M, P - s) forwards, then alternates one
+    backward and one forward ("1B1F"), then the remaining backwards: our order, action for action."""
+    P, M = 4, 8
+    for s, acts in enumerate(S.build("1f1b", P, M)):
+        warm = min(M, P - s)
+        want = [S.Action("F", m) for m in range(warm)]
+        f = warm
+        for b in range(M):
+            want.append(S.Action("B", b))
+            if f < M:
+                want.append(S.Action("F", f))
+                f += 1
+        assert acts == want, s
+
+
+@pytest.mark.parametrize("stages, micro, chunks", [(2, 4, 2), (4, 8, 2), (4, 4, 3), (2, 8, 4)])
+def test_interleaved_order_is_pytorchs(stages, micro, chunks):
+    """The compute order of every rank equals torch.distributed.pipelining's ScheduleInterleaved1F1B, read from
+    its own rank-order function (a private one: skipped if it changes)."""
+    from types import SimpleNamespace
+    try:
+        from torch.distributed.pipelining.schedules import ScheduleInterleaved1F1B, _ComputationType
+        fake = SimpleNamespace(n_local_stages=chunks, pp_group_size=stages, _n_microbatches=micro,
+                               microbatches_per_round=micro // max(1, micro // stages))
+        theirs = [ScheduleInterleaved1F1B._calculate_single_rank_operations(fake, r) for r in range(stages)]
+        kinds = {_ComputationType.FORWARD: "F", _ComputationType.FULL_BACKWARD: "B"}
+    except (ImportError, AttributeError, TypeError) as e:
+        pytest.skip(f"torch.distributed.pipelining's internals differ in this torch: {e}")
+    ours = S.build("interleaved" if chunks > 1 else "1f1b", stages, micro, chunks)
+    for rank in range(stages):
+        want = [S.Action(kinds[a.computation_type], a.microbatch_index, a.stage_index // stages)
+                for a in theirs[rank] if a is not None]
+        assert ours[rank] == want, f"rank {rank}:\nours   {S.describe([ours[rank]])}\ntheirs {S.describe([want])}"
 
 
 @pytest.mark.parametrize("args, message", [
