@@ -36,20 +36,32 @@ class CheckpointError(ValueError):
 
 
 # ---------------------------------------------------------------------------------------------- views
-def _view(t: torch.Tensor, spec, mesh):
+def _stage_mesh(model, mesh):
+    """(device mesh, its axis names) a stage's tensors live on: the whole mesh, or without a pipeline axis the
+    sub-mesh of this rank's stage (each stage saves its own layers; a tensor two stages hold, a tied embedding,
+    is one logical tensor that both save identically). None on one rank."""
+    if mesh.device_mesh is None:
+        return None, []
+    pipe = model.layout.axis_name("layers") if hasattr(model, "layout") else None
+    names = [n for n in mesh.shape if n != pipe]
+    if not names or all(mesh.shape[n] == 1 for n in names) and pipe is not None:
+        return None, []
+    return (mesh.device_mesh if pipe is None else mesh.device_mesh[tuple(names)]), names
+
+
+def _view(t: torch.Tensor, spec, dmesh, names):
     """The logical tensor behind this rank's shard `t`: a DTensor on a multi-rank mesh, `t` itself on one."""
     if spec.split_dim is not None:
         t = t.narrow(spec.split_dim, 0, spec.local_valid())           # drop vocabulary padding
-    if mesh.device_mesh is None:
+    if dmesh is None:
         return t
     from torch.distributed.tensor import DTensor, Replicate, Shard
-    names = list(mesh.shape)
     placements = [Replicate()] * len(names)
     if spec.is_split:
         placements[names.index(spec.axis)] = Shard(spec.split_dim)
     full = torch.Size(spec.full_shape)
     stride = torch.empty(full, device="meta").stride()
-    return DTensor.from_local(t, mesh.device_mesh, placements, run_check=False, shape=full, stride=stride)
+    return DTensor.from_local(t, dmesh, placements, run_check=False, shape=full, stride=stride)
 
 
 def _adam_state(model: nn.Module, optimizer) -> dict:
@@ -71,15 +83,16 @@ def _adam_state(model: nn.Module, optimizer) -> dict:
 
 def _state(model: nn.Module, mesh, optimizer=None) -> tuple[dict, dict]:
     """(what DCP saves or loads into, the per-parameter Adam state behind it)."""
-    state = {"model": {n: _view(p.data, p.shard, mesh) for n, p in model.named_parameters()}}
+    dmesh, names = _stage_mesh(model, mesh)
+    state = {"model": {n: _view(p.data, p.shard, dmesh, names) for n, p in model.named_parameters()}}
     adam = {}
     if optimizer is not None:
         adam = _adam_state(model, optimizer)
         optim = {}
         for n, p in model.named_parameters():
             s = adam[p]
-            optim[n] = {"exp_avg": _view(s["exp_avg"], p.shard, mesh),
-                        "exp_avg_sq": _view(s["exp_avg_sq"], p.shard, mesh), "step": s["step"]}
+            optim[n] = {"exp_avg": _view(s["exp_avg"], p.shard, dmesh, names),
+                        "exp_avg_sq": _view(s["exp_avg_sq"], p.shard, dmesh, names), "step": s["step"]}
         state["optim"] = optim
     return state, adam
 

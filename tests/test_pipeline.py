@@ -179,3 +179,74 @@ def test_pipeline_equals_single_process(family, mesh_spec, schedule, chunks):
     results = run_ranks(pipeline_record, world_of(mesh_spec), config, mesh_spec, None,
                         {"pipeline_schedule": schedule}, chunks)
     assert_same(reference(config), merged(results))
+
+
+def test_sp_selective_recompute_and_zero1_on_a_pipe_mesh():
+    config = CONFIGS["llama"].replace(n_layer=4)
+    results = run_ranks(pipeline_record, 8, config, "pipe:2,batch:2,model:2",
+                        "batch:batch;heads:model;kv_heads:model;d_ff:model;vocab:model;seq:model;layers:pipe",
+                        {"pipeline_schedule": "1f1b", "recompute": "selective", "zero": 1})
+    assert_same(reference(config), merged(results))
+
+
+@pytest.mark.slow
+def test_pipe_batch_model_8_ranks_interleaved():
+    config = CONFIGS["gpt"].replace(n_layer=4)
+    results = run_ranks(pipeline_record, 8, config, "pipe:2,batch:2,model:2", None,
+                        {"pipeline_schedule": "interleaved", "recompute": "full"}, 2)
+    assert_same(reference(config), merged(results))
+
+
+# ---- checkpoints ----------------------------------------------------------------------------------------------
+
+def _train_save_resume(mesh_spec, root, steps, resume_from=None, opt=None, chunks=1):
+    from meshtron import checkpoint
+    config = CONFIGS["gpt"].replace(n_layer=4)
+    mesh = Mesh.from_spec(mesh_spec)
+    model = build_model(config, mesh, seed=7, virtual_stages=chunks)
+    trainer = TrainStep(model, mesh, **{**PIPE_OPT, **(opt or {})})
+    start = 0
+    if resume_from:
+        checkpoint.load_checkpoint(resume_from, model, mesh, trainer.optimizer)
+        start = checkpoint.read_meta(resume_from)["step"]
+    losses = []
+    for step, batch in list(enumerate(batches(config.vocab_size)))[start:start + steps]:
+        model.rng.reseed(step)
+        losses.append(trainer.step(local_rows(batch, trainer.batch_axis))["loss"])
+    path = checkpoint.save_checkpoint(root, start + steps, model, mesh, trainer.optimizer, meta={"model": {}})
+    return losses, path
+
+
+@pytest.mark.parametrize("first, second", [
+    (("pipe:2,model:2", {"pipeline_schedule": "interleaved"}, 2), ("model:4", {}, 1)),
+    (("pipe:2,model:2", {}, 1), ("batch:1", {}, 1)),
+    (("model:4", {}, 1), ("pipe:4", {"pipeline_schedule": "gpipe"}, 1)),
+    (("pipe:2,batch:2", {"zero": 1}, 1), ("pipe:4", {}, 1)),
+], ids=["pipe-model-to-model4", "pipe-model-to-one", "model4-to-pipe4", "pipe-zero-to-pipe4"])
+def test_pipeline_checkpoints_reshard_with_optimizer_state(first, second, tmp_path):
+    ref = reference(CONFIGS["gpt"].replace(n_layer=4))[0]
+    (m1, o1, c1), (m2, o2, c2) = first, second
+    losses1, path = run_ranks(_train_save_resume, world_of(m1), m1, str(tmp_path / "a"), 1, None, o1, c1)[-1]
+    losses2, _ = run_ranks(_train_save_resume, world_of(m2), m2, str(tmp_path / "b"), 2, path, o2, c2)[-1]
+    torch.testing.assert_close(torch.tensor(losses1 + losses2), torch.tensor(ref), rtol=1e-5, atol=0)
+
+
+# ---- bad input ------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("mesh, message", [
+    ({"model": 2, "pipe": 2}, "must be the first \\(outermost\\) mesh axis"),
+    ({"pipe": 3}, "layers=4 is not divisible by mesh axis 'pipe' of size 3"),
+    ({"pipe": 2, "batch": 2}, "mesh axis 'pipe' splits the layers into pipeline stages and cannot also split"),
+])
+def test_bad_pipeline_layouts_fail_before_any_collective(mesh, message):
+    from meshtron.layout import LayoutRules, validate
+    rules = "layers:pipe;batch:pipe" if "batch" in mesh else None
+    rules = LayoutRules.parse(rules) if rules else LayoutRules.default_for(mesh)
+    with pytest.raises(ValueError, match=message):
+        validate(rules, mesh, CONFIGS["gpt"].replace(n_layer=4).dim_sizes())
+
+
+def test_layers_must_split_into_stages_times_virtual_stages():
+    from meshtron.pipeline.stages import StagePlan
+    with pytest.raises(ValueError, match="4 layers do not split into 2 pipeline stages x 3 virtual stages"):
+        StagePlan(4, 2, 0, 3)

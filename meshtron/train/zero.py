@@ -136,7 +136,9 @@ class ShardedOptimizer:
             self._next += 1
         for pending in self._pending:
             pending.wait()
-        self._pending, self.syncing = [], False
+        self._pending, self.syncing, self._next = [], False, 0    # ready for the next step, synced or not
+        for bucket in self.buckets:
+            bucket.ready = 0
         for p in self.bucket_of:                       # autograd accumulated in place: still the bucket's views
             if p.grad is None or p.grad.untyped_storage().data_ptr() != \
                     self.buckets[self.bucket_of[p]].grad.untyped_storage().data_ptr():
