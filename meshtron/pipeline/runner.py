@@ -15,6 +15,8 @@ Invariants:
 """
 from __future__ import annotations
 
+import time
+
 import torch
 
 from meshtron.comm import collectives as C
@@ -32,6 +34,7 @@ class PipelineRunner:
         self.mine = self.actions[self.rank]
         self.autocast = autocast
         self.seq = model.seq_axis if model.seq_axis.size > 1 else None
+        self.trace: list[tuple[str, float, float]] | None = None   # set to [] to record (what, start, end)
 
     # ---- messages ------------------------------------------------------------------------------------------
 
@@ -58,6 +61,7 @@ class PipelineRunner:
         total = torch.zeros((), device=self.mesh.device)
         model, last_v = self.model, self.stages * self.chunks - 1
         for a in self.mine:
+            t0 = time.perf_counter()
             v = S.virtual_stage(self.rank, a.chunk, self.stages)
             ids = chunks[a.microbatch]
             if a.kind == "F":
@@ -68,6 +72,7 @@ class PipelineRunner:
                     src = S.owner(v - 1, self.stages)[0]
                     C.recv(x, self._peer(src), self.axis.group, self._tag(a.microbatch, v, "act"), "pipe act")
                     x.requires_grad_()
+                    t0 = self._waited(t0)
                 model.rng.at_row(first_row + a.microbatch * rows)
                 with self.autocast():
                     out = model.chunk_forward(a.chunk, x, ids[:, 1:])
@@ -87,16 +92,26 @@ class PipelineRunner:
                     grad = torch.empty_like(out)
                     src = S.owner(v + 1, self.stages)[0]
                     C.recv(grad, self._peer(src), self.axis.group, self._tag(a.microbatch, v, "grad"), "pipe grad")
+                    t0 = self._waited(t0)
                     torch.autograd.backward(out, grad)
                 if v > 0:
                     dst = S.owner(v - 1, self.stages)[0]
                     sends.append(C.send_async(x.grad, self._peer(dst), self.axis.group,
                                               self._tag(a.microbatch, v - 1, "grad"), "pipe grad"))
                 del x, out
+            if self.trace is not None:
+                self.trace.append((str(a), t0, time.perf_counter()))
         for pending in sends:
             pending.wait()
         C.all_reduce(total, self.axis.group)        # the last stage's loss, on every stage
         return total
+
+    def _waited(self, since: float) -> float:
+        """Record a receive's wait (when tracing); returns the time compute starts."""
+        now = time.perf_counter()
+        if self.trace is not None:
+            self.trace.append(("wait", since, now))
+        return now
 
     @torch.no_grad()
     def evaluate(self, local_batch: torch.Tensor) -> torch.Tensor:
