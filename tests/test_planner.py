@@ -225,9 +225,9 @@ def test_cli_table_from_hf_config_names_the_pipeline(capsys, monkeypatch, tmp_pa
     (tmp_path / "config.json").write_text(json.dumps(big))
     code, out, err = run_cli(capsys, monkeypatch, "--model", str(tmp_path), "--gpus", "256", "--global-batch",
                              "1024", "--seq-len", "2048", "--top", "5")
-    assert code == 1                                     # a 145B model fits only with a pipeline axis ...
-    assert "not yet" in out and "pipe:" in out and "chosen:" not in out     # ... shown, never chosen
-    assert "only layouts with a pipeline axis fit" in err and "no pipeline axis yet" in err
+    assert code == 0, err                                # a 145B model fits only with a pipeline axis
+    assert "chosen: --mesh pipe:" in out and "model:8" in out
+    assert "--pipeline-schedule" in out and "run it: meshtron train" in out
 
 
 @pytest.mark.parametrize("args, code, message", [

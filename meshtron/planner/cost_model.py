@@ -61,8 +61,9 @@ class ParallelLayout:
 
     @property
     def runnable(self) -> bool:
-        """Whether meshtron's trainer runs this layout today (it has no pipeline axis yet)."""
-        return self.pp == 1
+        """Whether meshtron's trainer runs this layout: every layout the search produces (pipelines included:
+        1F1B, or interleaved 1F1B with v > 1)."""
+        return True
 
     @property
     def mesh(self) -> str:
