@@ -142,15 +142,18 @@ def test_bad_checkpoints_refused(uninterrupted, tmp_path, capsys):
     run = tmp_path / "run"
     shutil.copytree(uninterrupted, run)
     # another model shape
-    assert main(["train", "--resume", str(run), "--d-model", "64"]) == 1
+    assert main(["train", "--resume", str(run), "--d-model", "64"]) == 2     # refused before any rank starts
     assert "from another model (d_model: checkpoint 32 vs model 64)" in capsys.readouterr().err
     # truncated shard file
     latest = ck.latest_checkpoint(str(run / "checkpoints"))
     shard = sorted(p for p in os.listdir(latest) if p.endswith(".distcp"))[0]
     with open(os.path.join(latest, shard), "r+b") as f:
         f.truncate(100)
-    assert main(["train", "--resume", str(run), "--steps", "8"]) == 1
-    assert f"is truncated: {shard}" in capsys.readouterr().err
+    assert main(["train", "--resume", str(run), "--steps", "8"]) == 2
+    err = capsys.readouterr().err
+    assert f"is truncated: {shard}" in err
+    assert f"--resume {run} --resume-step 3 (complete checkpoints: steps 3)" in err        # item 14: how to pick
+    assert "Traceback" not in err
     # corrupted (same size)
     shutil.rmtree(run)
     shutil.copytree(uninterrupted, run)
@@ -160,13 +163,17 @@ def test_bad_checkpoints_refused(uninterrupted, tmp_path, capsys):
         byte = f.read(1)
         f.seek(200)
         f.write(bytes([byte[0] ^ 0xFF]))
-    assert main(["train", "--resume", str(run), "--steps", "8"]) == 1
+    assert main(["train", "--resume", str(run), "--steps", "8"]) == 2
     assert "fails its CRC32 check" in capsys.readouterr().err
+    # item 14: the earlier checkpoint is usable by its step, or by its folder
+    assert main(["train", "--resume", str(run), "--resume-step", "3", "--steps", "4"]) == 0
+    steps, _ = losses(run)
+    assert steps == [1, 2, 3, 4]
 
 
 def test_resume_without_checkpoint_and_unknown_config_key(tmp_path, capsys):
     (tmp_path / "config.json").write_text(json.dumps({"train": {"out": str(tmp_path)}}))
-    assert main(["train", "--resume", str(tmp_path)]) == 1
+    assert main(["train", "--resume", str(tmp_path)]) == 2
     assert "no complete checkpoint" in capsys.readouterr().err
     cfg = tmp_path / "c.toml"
     cfg.write_text('model = "gpt-tiny"\nlearning_rate = 0.1\n')

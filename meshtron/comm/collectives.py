@@ -49,13 +49,26 @@ def _shm_for(group, tensor: torch.Tensor, op: str):
     return t
 
 
+def world():
+    """The group of every rank (for barriers and job-wide decisions), or None on one process."""
+    return dist.group.WORLD if dist.is_initialized() and dist.get_world_size() > 1 else None
+
+
+def _names(group) -> tuple[str, tuple[int, ...]]:
+    if id(group) in _GROUP_NAMES:
+        return _GROUP_NAMES[id(group)]
+    if dist.is_initialized() and group is dist.group.WORLD:
+        return "world", tuple(range(dist.get_world_size()))
+    return "?", ()
+
+
 def group_name(group) -> str:
-    name, ranks = _GROUP_NAMES.get(id(group), ("?", ()))
+    name, ranks = _names(group)
     return f"{name}{list(ranks)}" if ranks else name
 
 
 def group_axis(group) -> str:
-    return _GROUP_NAMES.get(id(group), ("?", ()))[0]
+    return _names(group)[0]
 
 
 @dataclass(frozen=True)
@@ -109,7 +122,7 @@ def record(op: str, group, tensor: torch.Tensor, detail: str = "") -> None:
 
 
 class CollectiveError(RuntimeError):
-    pass
+    """A collective that failed or timed out; the message names the rank, the operation and the group."""
 
 
 def _fail(op: str, group, err: Exception) -> CollectiveError:
@@ -190,3 +203,49 @@ def broadcast(tensor: torch.Tensor, src: int, group) -> torch.Tensor:
     except Exception as e:  # noqa: BLE001
         raise _fail("broadcast", group, e) from e
     return tensor
+
+
+def all_reduce_future(tensor: torch.Tensor, group, detail: str = "") -> torch.futures.Future:
+    """Start an in-place SUM all-reduce over `group` (the backend's, never shared memory) and return a Future of
+    the reduced tensor whose failure is a `CollectiveError` naming the rank, the operation and the group: the form
+    DDP's communication hooks return."""
+    if group is None:
+        done: torch.futures.Future = torch.futures.Future()
+        done.set_result(tensor)
+        return done
+    record("all_reduce", group, tensor, detail)
+    try:
+        fut = dist.all_reduce(tensor, group=group, async_op=True).get_future()
+    except Exception as e:  # noqa: BLE001
+        raise _fail("all_reduce", group, e) from e
+
+    def unwrap(f):
+        try:
+            return f.value()[0]
+        except Exception as e:  # noqa: BLE001
+            raise _fail("all_reduce", group, e) from e
+    return fut.then(unwrap)
+
+
+def barrier(group) -> None:
+    """Wait until every rank of `group` (e.g. `world()`) arrives; no-op for None."""
+    if group is None:
+        return
+    record("barrier", group, torch.zeros(0))
+    try:
+        dist.barrier(group=group)
+    except Exception as e:  # noqa: BLE001
+        raise _fail("barrier", group, e) from e
+
+
+def broadcast_objects(objects: list, src: int, group) -> list:
+    """Broadcast a list of picklable objects in place from global rank `src` within `group` (meshtron's own
+    control messages only: what is received is unpickled)."""
+    if group is None:
+        return objects
+    record("broadcast_object", group, torch.zeros(0))
+    try:
+        dist.broadcast_object_list(objects, src=src, group=group)
+    except Exception as e:  # noqa: BLE001
+        raise _fail("broadcast_object", group, e) from e
+    return objects

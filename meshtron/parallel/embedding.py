@@ -6,6 +6,8 @@ are initialised to zero, are never looked up, and are cut from the logits before
 """
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -26,6 +28,9 @@ class VocabParallelEmbedding(nn.Module):
         self.n_valid = self.weight.shard.local_valid()   # real (unpadded) rows on this rank
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        if os.environ.get("MESHTRON_DEBUG") == "1" and ids.numel() and (ids.min() < 0 or ids.max() >= self.vocab_size):
+            bad = ids[(ids < 0) | (ids >= self.vocab_size)][0].item()   # a split vocabulary would look up nothing
+            raise IndexError(f"token id {bad} is outside the vocabulary [0, {self.vocab_size}) (MESHTRON_DEBUG=1)")
         if self.axis.size == 1:
             return F.embedding(ids, self.weight)
         outside = (ids < self.vocab_start) | (ids >= self.vocab_end)

@@ -20,13 +20,13 @@ from meshtron.parallel.sharding import ShardSpec
 
 
 def _counted_allreduce_hook(group):
+    """DDP's gradient all-reduce through meshtron's counted, named collectives."""
     world = dist.get_world_size(group)
 
     def hook(_state, bucket):
         buf = bucket.buffer()
         buf.div_(world)
-        C.record("all_reduce", group, buf, "grad")
-        return dist.all_reduce(buf, group=group, async_op=True).get_future().then(lambda f: f.value()[0])
+        return C.all_reduce_future(buf, group, "grad")
     return hook
 
 
@@ -119,6 +119,11 @@ class TrainStep:
     def update(self) -> float:
         """Clip, step the optimizer, clear gradients; returns the gradient norm before clipping."""
         grad_norm = clip_grad_norm(self.model, self.clip, self.mesh, self.batch_axis.name)
+        if not math.isfinite(grad_norm):     # the same global norm on every rank: all stop together
+            self.optimizer.zero_grad(set_to_none=True)
+            raise FloatingPointError(f"the gradient norm is {grad_norm} (the loss was finite): stopped before the "
+                                     f"update, so the weights and the last checkpoint stay good; resume from it "
+                                     f"with a lower --lr or a tighter --clip")
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         return grad_norm
