@@ -112,13 +112,12 @@ def save_checkpoint(root: str, step: int, model: nn.Module, mesh, optimizer=None
     import torch.distributed.checkpoint as dcp
     try:
         with _quiet_single_process():
-            dcp.save(_state(model, mesh, optimizer), checkpoint_id=partial, no_dist=mesh.device_mesh is None)
+            dcp.save(_state(model, mesh, optimizer), storage_writer=_writer(partial, mesh.rank, step),
+                     no_dist=mesh.device_mesh is None)
     except BaseException as e:  # noqa: BLE001 - DCP's CheckpointException is a BaseException
         if not _no_space(e):
             raise
-        failure = e                 # DCP raised on every rank: no collective needed to agree
-        raise _disk_full(root, step, partial, lead) from None
-    faults.maybe_kill("checkpoint", mesh.rank, step)
+        raise _disk_full(root, step, partial, lead) from None    # DCP raised on every rank: no need to agree
     if lead:
         try:
             if write_extra is not None:
@@ -140,6 +139,20 @@ def save_checkpoint(root: str, step: int, model: nn.Module, mesh, optimizer=None
                 shutil.rmtree(old, ignore_errors=True)
     _agree(mesh, failure, root, step, partial)
     return final
+
+
+def _writer(folder: str, rank: int, step: int):
+    """DCP's file-system writer, with the 'checkpoint' fault point after this rank's shards are on disk (before
+    DCP gathers the ranks' results and writes .metadata, before meshtron commits the folder)."""
+    from torch.distributed.checkpoint import FileSystemWriter
+
+    class Writer(FileSystemWriter):
+        def write_data(self, plan, planner):
+            fut = super().write_data(plan, planner)
+            fut.wait()
+            faults.maybe_kill("checkpoint", rank, step)
+            return fut
+    return Writer(folder)
 
 
 def _agree(mesh, failure: BaseException | None, root: str, step: int, partial: str) -> None:
@@ -386,7 +399,8 @@ def _inner_error(e: BaseException) -> BaseException:
 # ------------------------------------------------------------------------------------ safe metadata
 _DCP_META = "torch.distributed.checkpoint.metadata"
 _ALLOWED = {(_DCP_META, n) for n in ("Metadata", "MetadataIndex", "StorageMeta", "TensorProperties",
-                                      "TensorStorageMetadata", "ChunkStorageMetadata", "_MEM_FORMAT_ENCODING")}
+                                      "TensorStorageMetadata", "ChunkStorageMetadata", "_MEM_FORMAT_ENCODING",
+                                      "BytesStorageMetadata")}   # admitted, then refused by the checks below
 _ALLOWED |= {("torch.distributed.checkpoint.filesystem", "_StorageInfo"), ("torch", "Size"),
              ("torch.serialization", "_get_layout"), ("collections", "OrderedDict"),
              ("pathlib", "PosixPath"), ("pathlib", "PurePosixPath"), ("pathlib._local", "PosixPath"),

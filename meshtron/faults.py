@@ -7,7 +7,7 @@ real signal (SIGKILL unless `signal` says otherwise) at one point of optimizer s
   backward    inside the backward pass (a middle parameter's gradient hook)
   optimizer   inside the optimizer step (before the update)
   step        after the update (the step is complete on this rank)
-  checkpoint  while checkpoint N is written (after the shards, before it is made complete)
+  checkpoint  while checkpoint N is written (after this rank's shards, before DCP's metadata and the commit)
 It fires on the first attempt only (launcher attempt 0 or torchrun restart count 0), so a restarted job runs
 through. Unset in normal use: `arm` then installs nothing and `point` costs one dict lookup.
 """

@@ -136,3 +136,62 @@ def test_memory_that_is_not_shared_falls_back_to_gloo_on_every_rank(tmp_path):
     for fell_back, values in run_ranks(_other_host_on_rank_one, 2, str(tmp_path)):
         assert fell_back and values == [3.0] * 5
     assert set(glob.glob("/dev/shm/meshtron-*")) == before
+
+
+def _mismatched_calls(kind):
+    os.environ["MESHTRON_SHM"] = "1"
+    from meshtron.comm import collectives as C
+    mesh = Mesh.from_spec("model:2", timeout_s=10)
+    group = mesh.axis("model").group
+    if kind == "size":
+        x = torch.ones(4 if mesh.rank == 0 else 8)
+        C.all_reduce(x, group)
+    elif kind == "op":
+        import torch.distributed as dist
+        C.all_reduce(torch.ones(4), group, dist.ReduceOp.SUM if mesh.rank == 0 else dist.ReduceOp.MAX)
+    else:                                  # one rank skipped a call: every later call is refused, not combined
+        if mesh.rank == 0:
+            C.all_reduce(torch.ones(4), group)
+        C.all_reduce(torch.ones(3, dtype=torch.int64), group)
+    return "no error"
+
+
+@pytest.mark.skipif(not __import__("meshtron.comm.shm", fromlist=["enabled"]).enabled(), reason="no shared memory")
+@pytest.mark.parametrize("kind, message", [
+    ("size", r"rank 0 called all_reduce #1 \(sum, float32, 16 bytes; chunk 1\) but rank 1 called all_reduce #1 "
+             r"\(sum, float32, 32 bytes; chunk 1\)"),
+    ("op", r"rank 0 called all_reduce #1 \(sum, float32, 16 bytes; chunk 1\) but rank 1 called all_reduce #1 "
+           r"\(max, float32, 16 bytes; chunk 1\)"),
+    ("skipped", r"rank 0 called all_reduce #1 \(sum, float32, 16 bytes; chunk 1\) but rank 1 called all_reduce #1 "
+                r"\(sum, int64, 24 bytes; chunk 1\)"),
+])
+def test_mismatched_calls_raise_naming_both_ranks_calls(kind, message):
+    with pytest.raises(RankError, match=r"rank 0: all_reduce over group model\[0, 1\] failed: mismatched "
+                                        r"collectives on group \(0, 1\): " + message):
+        run_ranks(_mismatched_calls, 2, kind, timeout_s=60)
+
+
+def _after_a_timeout():
+    import time
+    os.environ["MESHTRON_SHM"] = "1"
+    from meshtron.comm import collectives as C
+    mesh = Mesh.from_spec("model:2", timeout_s=2)
+    group = mesh.axis("model").group
+    if mesh.rank == 1:
+        time.sleep(4)                      # late for call 1: rank 0 times out
+    else:
+        with pytest.raises(C.CollectiveError, match="did not arrive within 2 s"):
+            C.all_reduce(torch.ones(4), group)
+    x = torch.full((4,), float(mesh.rank + 1))
+    try:                                   # rank 1's call 1 meets rank 0's call 2: refused, never combined
+        C.all_reduce(x, group)
+    except C.CollectiveError as e:
+        return str(e)
+    return x.tolist()
+
+
+@pytest.mark.skipif(not __import__("meshtron.comm.shm", fromlist=["enabled"]).enabled(), reason="no shared memory")
+def test_after_a_timeout_the_transport_refuses_instead_of_combining_stale_slots():
+    res = run_ranks(_after_a_timeout, 2, timeout_s=60)
+    assert "failed earlier" in res[0] and "out of step" in res[0]
+    assert isinstance(res[1], str) and "but rank 0 abandoned all_reduce #1 (it failed there)" in res[1]

@@ -203,11 +203,14 @@ def run(args) -> int:
 def _prepare_and_train(launch, cfg, resume_from, launched) -> int:
     import dataclasses
 
-    from meshtron.checkpoint import check_model_matches, checkpoint_step, read_meta, supersede_after
+    from meshtron.checkpoint import (check_model_matches, checkpoint_step, read_dcp_metadata, read_meta,
+                                     supersede_after)
     from meshtron.train.config import describe_shape, resolve_shape
     from meshtron.train.loop import checkpoint_root, open_data
     try:
         meta = read_meta(resume_from, verify=True) if resume_from else None   # a bad checkpoint fails here, once
+        if meta is not None:
+            read_dcp_metadata(resume_from, set(meta["files"]))                  # ... and a crafted one
         if not launched:   # tokenise once here (cached for the ranks); bad data fails before any rank starts
             from meshtron.data import load_tokenizer
             tokenizer = load_tokenizer(os.path.join(resume_from, "tokenizer")) if resume_from else None
@@ -221,7 +224,8 @@ def _prepare_and_train(launch, cfg, resume_from, launched) -> int:
             check_model_matches(meta, dataclasses.asdict(shape), resume_from)
     except ValueError as e:
         return _error(e, 2)
-    print("meshtron train: " + " ".join(f"{k}={v}" for k, v in cfg.model_dump().items()), flush=True)
+    shown = {**cfg.model_dump(), "overrides": cfg.overrides.model_dump(exclude_none=True)}
+    print("meshtron train: " + " ".join(f"{k}={v}" for k, v in shown.items()), flush=True)
     print(f"meshtron train: model {cfg.model}, {describe_shape(shape, derived)}", flush=True)
     if resume_from is not None and os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0":
         for moved in supersede_after(checkpoint_root(cfg), checkpoint_step(resume_from)):

@@ -66,6 +66,8 @@ def _code(dtype: torch.dtype, op: str) -> int:
 def _describe(desc) -> str:
     """A slot descriptor as a reader sees it: 'all_reduce #12 (sum, float32, 4,096 bytes; chunk 3)'."""
     seq, call, total, _, code = (int(v) for v in desc)
+    if call < 0:
+        return f"abandoned all_reduce #{-call} (it failed there)"
     d, o = divmod(code, 16)
     dtype = str(_DTYPES[d - 1]).replace("torch.", "") if 0 < d <= len(_DTYPES) else "?"
     op = _OPS[o] if o < len(_OPS) else "?"
@@ -110,7 +112,13 @@ class ShmAllReduce:
     def _complete(self, flat: torch.Tensor, seq: int, op: str) -> None:
         try:
             self._wait_peers(seq)
-            self._check_peers(seq)
+        except ShmError as e:
+            self.broken = str(e)
+            base = _DESC + (seq % 2) * _DESC_LEN     # withdraw this call, so a late peer fails too, not combines
+            self.header[self.rank, base + 1] = -self.calls
+            raise
+        try:
+            self._check_peers(seq)                   # a mismatch: every peer sees it as well (nothing withdrawn)
         except ShmError as e:
             self.broken = str(e)
             raise
@@ -128,9 +136,11 @@ class ShmAllReduce:
         if (descs == mine).all():
             return
         other = next(r for r in range(self.world) if not (descs[r] == mine).all())
+        theirs = _describe(descs[other])
         raise ShmError(f"mismatched collectives on group {self.ranks}: rank {self.ranks[self.rank]} called "
-                       f"{_describe(mine)} but rank {self.ranks[other]} called {_describe(descs[other])}; every "
-                       f"rank of a group must issue the same collectives in the same order")
+                       f"{_describe(mine)} but rank {self.ranks[other]} "
+                       f"{theirs if theirs.startswith('abandoned') else 'called ' + theirs}; every rank of a group "
+                       f"must issue the same collectives in the same order")
 
     def _wait_peers(self, seq: int) -> None:
         if self.peer_flags.min() >= seq:
