@@ -120,7 +120,7 @@ def _entry(rank, world, port, threads, fn, args, result_dir, env, launcher, pree
     _die_with_launcher(*launcher)
     if preemptible:                                      # before anything slow: a SIGTERM now is remembered
         from meshtron.train import preempt
-        preempt.install()
+        preempt.install(launched=True)
     os.environ.update(env)
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), LOCAL_WORLD_SIZE=str(world),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS=str(threads))

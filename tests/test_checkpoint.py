@@ -191,7 +191,8 @@ def _step_with_infinite_gradient():
 
 def test_non_finite_gradient_with_finite_loss_stops_before_the_update():
     for message, unchanged in run_ranks(_step_with_infinite_gradient, 2):
-        assert message is not None and message.split(" (")[0] in ("the gradient norm is inf", "the gradient norm is nan")
+        assert message is not None and message.split(" (")[0] in ("the gradient norm is inf",
+                                                                  "the gradient norm is nan")
         assert "(the loss was finite): stopped before the update" in message
         assert unchanged                                            # no rank updated its weights
 

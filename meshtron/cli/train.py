@@ -119,8 +119,8 @@ def resolve(args, launch: LaunchOptions | None = None):
     if args.resume:
         run, resume_from = find_resume(args.resume, launch.resume_step)
         if resume_from is None:
-            raise ValueError(f"--resume {args.resume}: no complete checkpoint under {os.path.join(run, 'checkpoints')}; "
-                             f"train without --resume to start a new run")
+            raise ValueError(f"--resume {args.resume}: no complete checkpoint under "
+                             f"{os.path.join(run, 'checkpoints')}; train without --resume to start a new run")
         if args.out is not None and os.path.realpath(args.out) != os.path.realpath(run):
             raise ValueError(f"--resume {args.resume} continues the run in its own folder {run}, but --out says "
                              f"{args.out}: leave --out out (a run is resumed where it lives), or copy the run "
@@ -252,9 +252,9 @@ def _launch(cfg, resume_from, launch) -> int:
     from meshtron.train.loop import run_training
     for attempt in range(launch.max_restarts + 1):
         try:
-            results = run_ranks(run_training, cfg.world_size, cfg, resume_from, threads_per_rank=launch.threads_per_rank,
-                                timeout_s=7 * 24 * 3600, env={"MESHTRON_ATTEMPT": str(attempt)},
-                                sigterm_grace_s=launch.grace_period)
+            results = run_ranks(run_training, cfg.world_size, cfg, resume_from,
+                                threads_per_rank=launch.threads_per_rank, timeout_s=7 * 24 * 3600,
+                                env={"MESHTRON_ATTEMPT": str(attempt)}, sigterm_grace_s=launch.grace_period)
         except RankError as e:
             if e.kind == "preempt-timeout":
                 from meshtron.checkpoint import latest_checkpoint

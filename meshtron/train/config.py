@@ -18,7 +18,8 @@ from meshtron.models import ModelConfig, get_preset
 
 DEFAULT_SEQ_LEN = 128
 _STRICT = ConfigDict(strict=True, extra="forbid", validate_assignment=True)
-_MESH = re.compile(r"^\s*[A-Za-z_][A-Za-z0-9_]*\s*:\s*[0-9]+\s*([,;]\s*[A-Za-z_][A-Za-z0-9_]*\s*:\s*[0-9]+\s*)*[,;]?\s*$")
+_PAIR = r"\s*[A-Za-z_][A-Za-z0-9_]*\s*:\s*[0-9]+\s*"
+_MESH = re.compile(rf"^{_PAIR}([,;]{_PAIR})*[,;]?\s*$")          # sizes in ASCII digits only ('model:²' is not)
 
 
 def _f(default, help_text: str, **constraints):

@@ -1,38 +1,52 @@
-"""Preemption: SIGTERM (or SIGINT) asks the job to stop at the end of the current step, with a checkpoint.
+"""Preemption: SIGTERM (or Ctrl-C) asks the job to stop at the end of the current step, with a checkpoint.
 
-Invariant: the signal only sets a flag (a handler can run between any two Python bytecodes); the training loop
+Invariants: the signal only sets a flag (a handler can run between any two Python bytecodes); the training loop
 calls `agreed(group)` once per step on every rank, a MAX all-reduce of that flag over the whole job, so every
 rank stops after the same step even if the signal reached them at different moments, or reached only one.
-A second signal in a process that is not a rank of meshtron's launcher restores the default behaviour.
+The same signal a second time gets its default effect (so a second Ctrl-C interrupts at once), except in the
+ranks of meshtron's launcher, which ignore SIGINT (the launcher passes Ctrl-C on as SIGTERM, and a second one
+makes it kill them).
 """
 from __future__ import annotations
 
 import contextlib
+import os
 import signal
 import threading
 
 import torch
 
-_REQUESTED = {"signal": None}
+_STATE: dict = {"signal": None, "launched": False}
 
 
 def _handler(signum, _frame) -> None:
-    _REQUESTED["signal"] = signal.Signals(signum).name
+    name = signal.Signals(signum).name
+    if _STATE["signal"] == name and not _STATE["launched"]:      # asked twice: stop now
+        signal.signal(signum, signal.SIG_DFL)
+        if signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        os.kill(os.getpid(), signum)
+    _STATE["signal"] = name
 
 
-def install() -> dict:
-    """Handle SIGTERM and SIGINT by setting the flag (main thread only); returns the handlers it replaced."""
+def install(launched: bool = False) -> dict:
+    """Handle SIGTERM (and SIGINT, or ignore it in a rank of meshtron's launcher) by setting the flag; main
+    thread only. Returns the handlers it replaced."""
     if threading.current_thread() is not threading.main_thread():
         return {}
-    return {sig: signal.signal(sig, _handler) for sig in (signal.SIGTERM, signal.SIGINT)}
+    _STATE["launched"] = launched
+    return {signal.SIGTERM: signal.signal(signal.SIGTERM, _handler),
+            signal.SIGINT: signal.signal(signal.SIGINT, signal.SIG_IGN if launched else _handler)}
 
 
 @contextlib.contextmanager
 def handling():
-    """Handle the signals for the duration, then put the old handlers back. Where they were not handled yet
-    (a fresh process, not a rank `meshtron.launch` started with the handler in place) the flag starts clear."""
-    if signal.getsignal(signal.SIGTERM) is not _handler:
-        _REQUESTED["signal"] = None
+    """Handle the signals for the duration, then put the old handlers back. In a rank of meshtron's launcher
+    the handler has been in place since the process started (a SIGTERM during startup is not lost)."""
+    if _STATE["launched"]:
+        yield
+        return
+    _STATE["signal"] = None
     saved = install()
     try:
         yield
@@ -43,7 +57,7 @@ def handling():
 
 def requested() -> str | None:
     """The name of the signal received on this rank ('SIGTERM'), or None."""
-    return _REQUESTED["signal"]
+    return _STATE["signal"]
 
 
 def agreed(group) -> bool:
