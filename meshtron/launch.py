@@ -5,7 +5,8 @@ group once warm), each with RANK/WORLD_SIZE/MASTER_ADDR/MASTER_PORT set to a por
 returns each rank's result in rank order. If any rank fails, the others are stopped (SIGKILL) and the root
 cause is raised as a `RankError`: a rank killed by a signal we did not send, else a rank that is stopped
 (SIGSTOP) while its peers timed out, else the lowest rank's own error ahead of the collective errors it
-caused in its peers. If the group exceeds `timeout_s`, all are stopped: it never hangs. Ranks die with the
+caused in its peers (a free port that another process takes before rank 0 binds it is simply retried with a
+new one). If the group exceeds `timeout_s`, all are stopped: it never hangs. Ranks die with the
 launcher: each asks the kernel for SIGKILL when its parent exits (PR_SET_PDEATHSIG) and a watchdog thread
 kills it if the launcher's process is gone. With `sigterm_grace_s`, a SIGTERM to the launcher is passed to
 the ranks (which finish their step and checkpoint: see meshtron.train.preempt) and they get that long.
@@ -155,7 +156,17 @@ def run_ranks(fn, world_size: int, *args, threads_per_rank: int | None = None, t
         multiprocessing.set_forkserver_preload(["torch", "meshtron.models"])
         _PRELOADED = True
     threads = threads_per_rank or max(1, (os.cpu_count() or 1) // world_size)
-    port = free_port()
+    for tries in range(3):
+        try:
+            return _run_once(fn, world_size, args, threads, free_port(), timeout_s, env, sigterm_grace_s)
+        except RankError as e:
+            # the free port was taken by another process before rank 0's store bound it: nothing ran yet
+            if e.kind != "DistNetworkError" or "EADDRINUSE" not in e.summary or tries == 2:
+                raise
+    raise AssertionError("unreachable")
+
+
+def _run_once(fn, world_size, args, threads, port, timeout_s, env, sigterm_grace_s) -> list:
     launcher = (os.getpid(), _proc_start(os.getpid()))
     with tempfile.TemporaryDirectory(prefix="meshtron-ranks-") as result_dir:
         ctx = torch.multiprocessing.start_processes(

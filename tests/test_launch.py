@@ -115,3 +115,27 @@ def test_collectives_outside_comm_name_rank_op_and_group(barrier, where):
     """DDP's gradient hook and barriers go through meshtron.comm's named wrappers (item 17)."""
     with pytest.raises(RankError, match=r"rank 0 failed: .*rank 0: " + where + " failed"):
         run_ranks(_peer_gone_before_the_gradient_all_reduce, 2, barrier, timeout_s=120)
+
+
+def test_a_port_taken_before_rank_0_binds_it_is_retried(monkeypatch):
+    """Another process takes the chosen free port first (a real listening socket here): the ranks start again
+    on a new port instead of failing with EADDRINUSE."""
+    import socket
+
+    import meshtron.launch as launch
+    taken = socket.socket()
+    taken.bind(("0.0.0.0", 0))
+    taken.listen()
+    ports = [taken.getsockname()[1]]
+    real = launch.free_port
+    monkeypatch.setattr(launch, "free_port", lambda: ports.pop() if ports else real())
+    try:
+        assert run_ranks(_rank_after_init, 2, timeout_s=120) == [0, 1]
+    finally:
+        taken.close()
+    assert not ports
+
+
+def _rank_after_init():
+    mesh = Mesh.from_spec("model:2")
+    return mesh.rank
