@@ -26,7 +26,7 @@ demo: $(BASE)
 test: $(TEST)
 	$(VENV)/bin/python -m pytest -q
 
-test-faults: $(TEST)   # every rank x phase x before/after the first checkpoint (about 15 minutes here)
+test-faults: $(TEST)   # every rank x phase x before/after the first checkpoint (25 minutes here)
 	$(VENV)/bin/python -m pytest -q -m "fault_matrix or not fault_matrix" tests/test_faults.py
 
 $(BENCH): $(TEST)

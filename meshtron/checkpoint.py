@@ -157,7 +157,7 @@ def _writer(folder: str, rank: int, step: int):
 
 def _agree(mesh, failure: BaseException | None, root: str, step: int, partial: str) -> None:
     """Rank 0's file work succeeded, or every rank raises (the same error on rank 0, a pointer to it elsewhere)."""
-    flag = torch.tensor([0.0 if failure is None else 2.0 if _no_space(failure) else 1.0])
+    flag = torch.tensor([0.0 if failure is None else 2.0 if _no_space(failure) else 1.0], device=mesh.device)
     C.all_reduce(flag, C.world(), torch.distributed.ReduceOp.MAX)
     if flag.item() == 0:
         return

@@ -126,7 +126,7 @@ def _run(cfg: TrainConfig, resume_from: str | None) -> dict:
             log.log_train(done, out["loss"], lr, tps, grad_norm=out["grad_norm"], step_time_s=dt,
                           mfu=mfu(tps, flops_per_token, peak) if lead else None)
             faults.point("step")
-            if preempt.agreed(C.world()):          # every rank stops after this same step
+            if preempt.agreed(C.world(), mesh.device):     # every rank stops after this same step
                 preempted = done
             stopping = preempted is not None or (bool(cfg.stop_after) and done - start_step >= cfg.stop_after)
             if preempted is None and (done == cfg.steps or (cfg.eval_every and done % cfg.eval_every == 0)):
@@ -143,7 +143,7 @@ def _run(cfg: TrainConfig, resume_from: str | None) -> dict:
                   f"and saved it; continue with: meshtron train --resume {cfg.out}", flush=True)
         return {"preempted": preempted, "losses": losses}
     sample = ""
-    if cfg.sample_tokens > 0 and not preempt.agreed(C.world()):
+    if cfg.sample_tokens > 0 and not preempt.agreed(C.world(), mesh.device):
         model.eval()
         prompt = torch.tensor([tok.encode(cfg.prompt) or [tok.eot_id]])
         ids = model.generate(prompt, cfg.sample_tokens, temperature=0.8, top_k=40, seed=cfg.seed)

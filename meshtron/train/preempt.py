@@ -60,9 +60,10 @@ def requested() -> str | None:
     return _STATE["signal"]
 
 
-def agreed(group) -> bool:
-    """True on every rank of `group` (the whole job) if any of them received the signal. Collective."""
+def agreed(group, device=None) -> bool:
+    """True on every rank of `group` (the whole job) if any of them received the signal. Collective; the flag
+    lives on `device` (the mesh's: NCCL reduces only GPU tensors)."""
     from meshtron.comm import collectives as C
-    flag = torch.tensor([1.0 if requested() else 0.0])
+    flag = torch.tensor([1.0 if requested() else 0.0], device=device)
     C.all_reduce(flag, group, torch.distributed.ReduceOp.MAX)
     return bool(flag.item())
