@@ -198,7 +198,7 @@ def test_sigkill_of_the_launcher_leaves_nothing_and_frees_the_run_folder(tmp_pat
 
 def test_a_stopped_rank_is_reported_as_the_timeout_it_causes(tmp_path):
     proc = _spawn(tmp_path / "run", "--steps", "50",
-                  env={"MESHTRON_TIMEOUT": "5", "MESHTRON_FAULT": "step:rank=2:step=2:signal=STOP"})
+                  env={"MESHTRON_TIMEOUT": "3", "MESHTRON_FAULT": "step:rank=2:step=2:signal=STOP"})
     try:
         _, stderr = proc.communicate(timeout=240)
     finally:
