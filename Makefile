@@ -7,7 +7,7 @@ BASE = $(VENV)/.meshtron-base
 TEST = $(VENV)/.meshtron-test
 BENCH = $(VENV)/.meshtron-bench
 
-.PHONY: demo test bench clean
+.PHONY: demo test test-faults bench clean
 
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
@@ -25,6 +25,9 @@ demo: $(BASE)
 
 test: $(TEST)
 	$(VENV)/bin/python -m pytest -q
+
+test-faults: $(TEST)   # every rank x phase x before/after the first checkpoint (25 minutes here)
+	$(VENV)/bin/python -m pytest -q -m "fault_matrix or not fault_matrix" tests/test_faults.py
 
 $(BENCH): $(TEST)
 	$(PIP) install -q -c constraints.txt -e '.[test,bench]'

@@ -37,7 +37,7 @@ from dataclasses import asdict, dataclass
 from meshtron.mesh import parse_mesh_spec
 from meshtron.models.config import get_preset
 from meshtron.planner import ParallelLayout, Prediction, predict
-from meshtron.cli.calibrate import measure
+from meshtron.cli.calibrate import measure as calibrate_cpu
 from meshtron.planner.calibrate import calibration_warning, cpu_profile
 
 CORES = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
@@ -48,13 +48,14 @@ TIME_TOLERANCE = 0.25
 @dataclass(frozen=True)
 class Case:
     model: str                      # a preset of meshtron.models.config
-    mesh: str                       # e.g. "batch:2,model:2"; a pipe axis is understood but the trainer lacks it
+    mesh: str                       # e.g. "batch:2,model:2", "pipe:2,batch:2"
     global_batch: int
     seq_len: int
     micro_batch: int | None = None  # None: the whole per-rank share at once (no gradient accumulation)
-    recompute: bool = False
+    recompute: str = "none"
     sequence_parallel: bool = False
     sharded_optimizer: bool = False
+    schedule: str = "1f1b"          # with a pipe axis
     shape: tuple = ()               # ModelConfig fields overriding the preset's: (("d_model", 1024), ...)
     steps: int = 5                  # timed steps (their median is reported)
     warmup: int = 2                 # untimed steps first
@@ -82,9 +83,21 @@ class Case:
                               sequence_parallel=self.sequence_parallel, sharded_optimizer=self.sharded_optimizer)
 
 
+    def rules(self) -> str | None:
+        """The layout rules the case trains with: the defaults, plus `seq:model` with sequence parallelism."""
+        if not self.sequence_parallel:
+            return None
+        axes = parse_mesh_spec(self.mesh)
+        rules = ["heads:model", "kv_heads:model", "d_ff:model", "vocab:model", "seq:model"]
+        return ";".join((["batch:batch"] if "batch" in axes else []) + rules + (["layers:pipe"] if "pipe" in axes
+                                                                                else []))
+
+
 # Shapes large enough that the model's own memory (tens to hundreds of MiB per rank) dominates the runtime's and
-# the allocator's noise, small enough that a step takes 0.3-3 s on two cores. fp32, no dropout (fused attention).
+# the allocator's noise, small enough that a step takes 0.3-3 s on two cores. fp32; no dropout (fused attention)
+# unless a case needs attention's s² scores (selective recompute).
 GPT_1024 = (("d_model", 1024), ("n_head", 8), ("n_layer", 4))
+GPT_1024_DROP = GPT_1024 + (("dropout", 0.1),)
 GPT_512_V = (("d_model", 512), ("n_head", 8), ("n_layer", 4), ("vocab_size", 16384))
 LLAMA_768 = (("d_model", 768), ("n_head", 12), ("n_kv_head", 4), ("d_ff", 2048), ("n_layer", 6))
 CASES = [
@@ -98,6 +111,15 @@ CASES = [
     Case("llama-mini", "model:2", 2, 512, shape=LLAMA_768),
     Case("llama-mini", "batch:2,model:2", 2, 512, shape=LLAMA_768),
     Case("gpt-mini", "model:2", 8, 256, shape=GPT_512_V),                # logits heavy
+    # the memory features and the pipeline
+    Case("gpt-mini", "model:2", 4, 256, shape=GPT_1024_DROP, sequence_parallel=True),
+    Case("gpt-mini", "model:2", 4, 256, shape=GPT_1024_DROP, recompute="selective"),
+    Case("gpt-mini", "model:2", 4, 256, shape=GPT_1024_DROP, recompute="full"),
+    Case("gpt-mini", "batch:2", 4, 256, shape=GPT_1024, sharded_optimizer=True),
+    Case("gpt-mini", "batch:2,model:2", 4, 256, shape=GPT_1024_DROP, sequence_parallel=True,
+         recompute="selective", sharded_optimizer=True),
+    Case("gpt-mini", "pipe:2", 8, 256, micro_batch=2, shape=GPT_1024),
+    Case("gpt-mini", "pipe:2", 8, 256, micro_batch=2, shape=GPT_1024, recompute="full", schedule="1f1b"),
 ]
 
 
@@ -127,7 +149,7 @@ def _busy_seconds() -> float:
 
 
 def _train_rank(mesh_spec: str, cfg, global_batch: int, seq_len: int, micro_batches: int, warmup: int,
-                steps: int) -> dict:
+                steps: int, options: dict | None = None) -> dict:
     """One rank. First the runtime: join the mesh and train a tiny model for two steps (gloo, code pages,
     autograd and optimizer paths), then note the resident size. Then `cfg`: `warmup` + `steps` steps, each
     timed; the rank's CPU time and the machine's busy time over the timed steps (to see other load); and the
@@ -145,7 +167,11 @@ def _train_rank(mesh_spec: str, cfg, global_batch: int, seq_len: int, micro_batc
     rss_start = _rss_bytes()
     g = torch.Generator().manual_seed(0)
     tiny = get_preset("gpt-tiny" if cfg.family == "gpt" else "llama-tiny")
-    trainer = TrainStep(build_model(tiny, mesh, seed=0), mesh, lr=1e-3, micro_batches=micro_batches)
+    options = dict(options or {})
+    rules = options.pop("rules", None)
+    tiny_rules = None if rules is None else rules
+    trainer = TrainStep(build_model(tiny, mesh, tiny_rules, seed=0), mesh, lr=1e-3, micro_batches=micro_batches,
+                        **options)
     batch = torch.randint(0, tiny.vocab_size, (global_batch, 17), generator=g)
     for _ in range(2):
         trainer.step(local_rows(batch, trainer.batch_axis))
@@ -153,7 +179,7 @@ def _train_rank(mesh_spec: str, cfg, global_batch: int, seq_len: int, micro_batc
     gc.collect()
     rss_runtime = _rss_bytes()
 
-    trainer = TrainStep(build_model(cfg, mesh, seed=0), mesh, lr=1e-4, micro_batches=micro_batches)
+    trainer = TrainStep(build_model(cfg, mesh, rules, seed=0), mesh, lr=1e-4, micro_batches=micro_batches, **options)
     batches = [torch.randint(0, cfg.vocab_size, (global_batch, seq_len + 1), generator=g) for _ in range(2)]
     wall, cpu, busy = [], [], []
     for i in range(warmup + steps):
@@ -172,12 +198,8 @@ def _train_rank(mesh_spec: str, cfg, global_batch: int, seq_len: int, micro_batc
 
 
 def unsupported(case: Case) -> str | None:
-    """Why meshtron's trainer cannot run this case, or None."""
-    layout = case.layout()
-    missing = [name for name, on in (("a pipe axis", layout.pp > 1), ("activation recompute", case.recompute),
-                                     ("sequence parallelism", case.sequence_parallel),
-                                     ("a sharded optimizer", case.sharded_optimizer)) if on]
-    return f"meshtron's trainer has no {', '.join(missing)}" if missing else None
+    """Why meshtron's trainer cannot run this case, or None (it runs every layout the planner knows)."""
+    return None
 
 
 def measure(case: Case, threads_per_rank: int | None = None) -> dict:
@@ -192,8 +214,10 @@ def measure(case: Case, threads_per_rank: int | None = None) -> dict:
     world = layout.devices
     threads = threads_per_rank or max(1, CORES // world)
     micro_batches = case.global_batch // layout.dp // layout.micro_batch
+    options = {"rules": case.rules(), "recompute": case.recompute, "zero": int(case.sharded_optimizer),
+               "pipeline_schedule": case.schedule}
     out = run_ranks(_train_rank, world, case.mesh, case.config(), case.global_batch, case.seq_len,
-                    micro_batches, case.warmup, case.steps, threads_per_rank=threads)
+                    micro_batches, case.warmup, case.steps, options, threads_per_rank=threads)
     fullest = max(out, key=lambda r: r["peak_rss"])
     steps = []
     for i in range(case.steps):
@@ -290,7 +314,7 @@ def run(threads_per_rank: int | None, recalibrate: bool, repeats: int, budget_s:
     preds, runs, threads = [], [[] for _ in cases], []
     for i, case in enumerate(cases):
         threads.append(threads_per_rank or max(1, CORES // case.layout().devices))
-        hw = cpu_profile(threads[-1], recalibrate=recalibrate and i == 0, measure=measure)
+        hw = cpu_profile(threads[-1], recalibrate=recalibrate and i == 0, measure=calibrate_cpu)
         warning = calibration_warning(hw)
         if warning and i == 0:
             print(f"warning: {warning}", file=sys.stderr)
@@ -338,13 +362,17 @@ def table(results: list[dict]) -> list[str]:
     def pct(x):
         return f"{x:+.1%}"
 
-    head = ["model", "mesh", "batch", "seq", "micro", "ranks x threads", "pred MiB", "meas MiB", "err",
+    head = ["model", "mesh", "features", "batch", "seq", "micro", "ranks x threads", "pred MiB", "meas MiB", "err",
             "tensors pred", "tensors meas", "err", "pred s", "meas s", "err", "other load", "ok"]
     rows = [head, ["---"] * len(head)]
     for r in results:
         c = r["case"]
         lay = Case(**{k: v for k, v in c.items() if k != "name"}).layout()
-        rows.append([c["name"], c["mesh"], str(c["global_batch"]), str(c["seq_len"]),
+        features = [f for f, on in (("SP", c["sequence_parallel"]), (f"recompute {c['recompute']}",
+                                                                    c["recompute"] != "none"),
+                                    ("ZeRO-1", c["sharded_optimizer"]),
+                                    (c["schedule"], lay.pp > 1)) if on]
+        rows.append([c["name"], c["mesh"], ", ".join(features) or "-", str(c["global_batch"]), str(c["seq_len"]),
                      str(c["micro_batch"] or c["global_batch"] // lay.dp), f"{lay.devices} x {r['threads_per_rank']}",
                      mib(r["predicted_rss_bytes"]), mib(r["measured_rss_bytes"]), pct(r["memory_error"]),
                      mib(r["predicted_tensor_bytes"]), mib(r["measured_tensor_bytes"]), pct(r["tensor_memory_error"]),
@@ -373,7 +401,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         print(json.dumps(results, indent=1))
         return 0 if all(r["ok"] for r in results) else 1
-    hw = cpu_profile(1, measure=measure)
+    hw = cpu_profile(1, measure=calibrate_cpu)
     lines = table(results)
     footer = [f"targets: memory within ±{MEMORY_TOLERANCE:.0%}, step time within ±{TIME_TOLERANCE:.0%}; "
               f"{sum(r['ok'] for r in results)}/{len(results)} cases within both; {elapsed:.0f} s",

@@ -2,8 +2,10 @@
 
 Accepted: a meshtron checkpoint folder (`step_N/`, holding `meshtron.json`), a run folder (its newest
 checkpoint under `checkpoints/`), or a Hugging Face folder (`config.json` + weights), which is sharded on
-load: each rank reads only its slices. Invariant: `describe` resolves the path and the model shape without
-building anything, so bad paths and illegal meshes are refused before any rank starts.
+load: each rank reads only its slices. Invariants: `describe` resolves the path and the model shape without
+building anything, so bad paths, illegal meshes and checkpoints whose metadata is not plain DCP metadata are
+refused before any rank starts; nothing read runs code (DCP metadata through meshtron.checkpoint's restricted
+unpickler, `pytorch_model.bin` through torch's weights-only loader, with our own message when it refuses).
 """
 from __future__ import annotations
 
@@ -39,8 +41,13 @@ def describe(path: str) -> ModelSource:
             raise ValueError(f"{path} holds no meshtron checkpoint (no checkpoints/step_N/meshtron.json) and is "
                              f"not a Hugging Face folder (config.json + model.safetensors)")
     meta = checkpoint.read_meta(ckpt, verify=False)
+    checkpoint.read_dcp_metadata(ckpt, set(meta["files"]))       # refuse a crafted .metadata before any rank
+    try:
+        config = ModelConfig(**meta["model"])
+    except (TypeError, KeyError, ValueError) as e:
+        raise checkpoint.CheckpointError(f"{ckpt}/{checkpoint.META} does not describe a model ({e})") from None
     tok = os.path.join(ckpt, "tokenizer")
-    return ModelSource("meshtron", ckpt, ModelConfig(**meta["model"]), tok if os.path.isdir(tok) else None)
+    return ModelSource("meshtron", ckpt, config, tok if os.path.isdir(tok) else None)
 
 
 def open_model(path: str, mesh, rules=None, tokenizer: str | None = None):
@@ -58,6 +65,29 @@ def open_model(path: str, mesh, rules=None, tokenizer: str | None = None):
     tok_spec = tokenizer or src.tokenizer_dir
     tok = load_tokenizer(tok_spec) if tok_spec else None
     return model, tok, src
+
+
+def load_torch_weights(path: str) -> dict:
+    """The tensors of a `pytorch_model.bin`, read by torch's weights-only unpickler (memory-mapped when the file
+    is in the zip format). A file holding anything but tensors and plain containers is refused with a
+    CheckpointError: unpickling it could run code."""
+    import pickle
+    import re
+
+    import torch
+    try:
+        try:
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as e:
+            if "mmap" not in str(e) and "zip" not in str(e):
+                raise
+            return torch.load(path, map_location="cpu", weights_only=True)  # legacy format: cannot be mapped
+    except pickle.UnpicklingError as e:
+        found = re.search(r"GLOBAL ([\w.]+)", str(e))
+        what = f"a reference to {found.group(1)}" if found else "objects other than tensors"
+        raise checkpoint.CheckpointError(
+            f"{path} holds {what}, not only tensors: meshtron loads nothing else from pytorch_model.bin, since "
+            f"unpickling it could run code. Use a model.safetensors from a source you trust instead") from None
 
 
 def save_converted(model, mesh, out_dir: str, tokenizer=None, source: str = "") -> str:

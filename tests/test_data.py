@@ -126,6 +126,42 @@ def test_corrupt_cache_entry_is_rebuilt(tmp_path):
     assert not rebuilt.from_cache and rebuilt.tokens.tolist() == stream([corpus_text()])
 
 
+def test_cache_with_ids_beyond_the_vocabulary_is_rebuilt(tmp_path):
+    """Item 10: a damaged cache whose ids exceed the vocabulary (here same size, same stats) is not trained on."""
+    f, cache = write(tmp_path / "a.txt", corpus_text()), tmp_path / "cache"
+    first = tokenize_data(f, "byte", cache)
+    st = first.path.stat()
+    with open(first.path, "r+b") as fh:
+        fh.seek(20)
+        fh.write(np.array([300, 60000], dtype=np.uint16).tobytes())     # byte vocabulary: 257 ids
+    os.utime(first.path, ns=(st.st_atime_ns, st.st_mtime_ns))
+    logged = []
+    again = tokenize_data(f, "byte", cache, log=logged.append)
+    assert not again.from_cache and again.tokens.tolist() == stream([corpus_text()])
+    assert "hold id 300, outside the byte tokenizer" in logged[0]
+
+
+def _embed_out_of_range(debug: bool):
+    """On model:2, an id >= V looks up nothing on every rank: zeros, silently, unless MESHTRON_DEBUG=1."""
+    os.environ["MESHTRON_DEBUG"] = "1" if debug else "0"
+    from meshtron.mesh import Mesh
+    from meshtron.parallel.embedding import VocabParallelEmbedding
+    mesh = Mesh.from_spec("model:2")
+    emb = VocabParallelEmbedding(10, 4, mesh.axis("model"))
+    try:
+        out = emb(torch.tensor([[1, 12]]))
+    except IndexError as e:
+        return str(e)
+    return float(out[0, 1].abs().sum())
+
+
+def test_the_vocab_parallel_embedding_refuses_out_of_range_ids_in_debug_mode():
+    from meshtron.launch import run_ranks
+    assert run_ranks(_embed_out_of_range, 2, False) == [0.0, 0.0]
+    assert run_ranks(_embed_out_of_range, 2, True) == ["token id 12 is outside the vocabulary [0, 10) "
+                                                        "(MESHTRON_DEBUG=1)"] * 2
+
+
 # ---- tokenizers ----------------------------------------------------------------------------------------------
 
 def test_byte_tokenizer_ids_and_round_trip(tmp_path):

@@ -94,3 +94,48 @@ def _stuck_peer():
 def test_collective_timeout_names_rank_op_and_group():
     with pytest.raises(RankError, match=r"rank 0: all_reduce over group model\[0, 1\] failed"):
         run_ranks(_stuck_peer, 2, timeout_s=60)
+
+
+def _peer_gone_before_the_gradient_all_reduce(barrier: bool):
+    from meshtron.comm import collectives as C
+    from meshtron.train.step import TrainStep, local_rows
+    mesh = Mesh.from_spec("batch:2", timeout_s=30)
+    model = build_model(ModelConfig("gpt", vocab_size=61, n_layer=1, n_head=2, d_model=16, max_seq_len=16), mesh)
+    trainer = TrainStep(model, mesh, lr=1e-2)
+    if mesh.rank == 1:
+        os._exit(0)                        # leaves without a word
+    if barrier:
+        C.barrier(C.world())
+    trainer.step(local_rows(torch.randint(0, 61, (4, 17)), trainer.batch_axis))
+
+
+@pytest.mark.parametrize("barrier, where", [(False, r"all_reduce over group batch\[0, 1\]"),
+                                            (True, r"barrier over group (world|batch)\[0, 1\]")])
+def test_collectives_outside_comm_name_rank_op_and_group(barrier, where):
+    """DDP's gradient hook and barriers go through meshtron.comm's named wrappers (item 17)."""
+    with pytest.raises(RankError, match=r"rank 0 failed: .*rank 0: " + where + " failed"):
+        run_ranks(_peer_gone_before_the_gradient_all_reduce, 2, barrier, timeout_s=120)
+
+
+def test_a_port_taken_before_rank_0_binds_it_is_retried(monkeypatch):
+    """Another process takes the chosen free port first (a real listening socket here): the ranks start again
+    on a new port instead of failing with EADDRINUSE."""
+    import socket
+
+    import meshtron.launch as launch
+    taken = socket.socket()
+    taken.bind(("0.0.0.0", 0))
+    taken.listen()
+    ports = [taken.getsockname()[1]]
+    real = launch.free_port
+    monkeypatch.setattr(launch, "free_port", lambda: ports.pop() if ports else real())
+    try:
+        assert run_ranks(_rank_after_init, 2, timeout_s=120) == [0, 1]
+    finally:
+        taken.close()
+    assert not ports
+
+
+def _rank_after_init():
+    mesh = Mesh.from_spec("model:2")
+    return mesh.rank

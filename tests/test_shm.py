@@ -1,5 +1,5 @@
-"""The shared-memory all-reduce (meshtron.comm.shm) against gloo: same results, bitwise equal on every rank,
-in the order collectives are issued, and no files left behind."""
+"""The shared-memory transport (meshtron.comm.shm) against gloo: all-reduce, all-gather and reduce-scatter give
+the same results, bitwise equal on every rank, in the order collectives are issued, and no files left behind."""
 import glob
 import os
 
@@ -59,6 +59,49 @@ def test_all_reduce_matches_on_both_transports(use_shm):
             assert torch.equal(got["max"], torch.stack([m["max"] for m in members]).amax(0))
             peer = res[r["ranks"][name][0]][name]["out"]
             assert all(torch.equal(got[k], peer[k]) for k in got)    # bitwise the same on every rank
+
+
+def _gathers_and_scatters(use_shm: bool):
+    os.environ["MESHTRON_SHM"] = "1" if use_shm else "0"
+    from meshtron.comm import collectives as C
+    from meshtron.comm import shm
+    mesh = Mesh.from_spec("batch:2,model:2")
+    out = {}
+    g = torch.Generator().manual_seed(10 + mesh.rank)
+    for name, axis in mesh.axes.items():
+        res = {}
+        for key, numel in (("small", 6), ("big", shm.SLOT_BYTES // 4 * 2 + 34)):     # 34: even, three chunks
+            x = torch.randn(numel, generator=g)
+            res[f"ag_{key}"] = (x.clone(), C.all_gather_into(x, axis.group, axis.size))
+            y = torch.randn(2 * numel, generator=g)
+            mine = torch.empty(numel)
+            pending = C.reduce_scatter_async(mine, y, axis.group)   # in flight while an all-gather runs
+            again = C.all_gather_dim(x.view(2, -1), axis.group, axis.size, 1)
+            res[f"rs_{key}"] = (y, pending.wait().clone())
+            res[f"agdim_{key}"] = again
+        out[name] = res
+    out["ranks"] = {n: a.ranks for n, a in mesh.axes.items()}
+    out["transport"] = all(C.shm_transport(a.group) is not None for a in mesh.axes.values())
+    return out
+
+
+@pytest.mark.parametrize("use_shm", [True, False])
+def test_all_gather_and_reduce_scatter_on_both_transports(use_shm):
+    from meshtron.comm import shm
+    res = run_ranks(_gathers_and_scatters, 4, use_shm)
+    assert all(r["transport"] == (use_shm and shm.enabled()) for r in res)
+    for name in ("batch", "model"):
+        for rank, r in enumerate(res):
+            members = r["ranks"][name]
+            me = members.index(rank)
+            for key in ("small", "big"):
+                x_in = [res[m][name][f"ag_{key}"][0] for m in members]
+                assert torch.equal(r[name][f"ag_{key}"][1], torch.cat(x_in))
+                assert torch.equal(r[name][f"agdim_{key}"], torch.cat([x.view(2, -1) for x in x_in], 1))
+                ys = [res[m][name][f"rs_{key}"][0] for m in members]
+                part = ys[0].numel() // 2
+                want = (ys[0] + ys[1])[me * part:(me + 1) * part]       # rank order: the same sum on every rank
+                assert torch.equal(r[name][f"rs_{key}"][1], want)
 
 
 def _stuck_peer(use_shm):
@@ -136,3 +179,62 @@ def test_memory_that_is_not_shared_falls_back_to_gloo_on_every_rank(tmp_path):
     for fell_back, values in run_ranks(_other_host_on_rank_one, 2, str(tmp_path)):
         assert fell_back and values == [3.0] * 5
     assert set(glob.glob("/dev/shm/meshtron-*")) == before
+
+
+def _mismatched_calls(kind):
+    os.environ["MESHTRON_SHM"] = "1"
+    from meshtron.comm import collectives as C
+    mesh = Mesh.from_spec("model:2", timeout_s=10)
+    group = mesh.axis("model").group
+    if kind == "size":
+        x = torch.ones(4 if mesh.rank == 0 else 8)
+        C.all_reduce(x, group)
+    elif kind == "op":
+        import torch.distributed as dist
+        C.all_reduce(torch.ones(4), group, dist.ReduceOp.SUM if mesh.rank == 0 else dist.ReduceOp.MAX)
+    else:                                  # one rank skipped a call: every later call is refused, not combined
+        if mesh.rank == 0:
+            C.all_reduce(torch.ones(4), group)
+        C.all_reduce(torch.ones(3, dtype=torch.int64), group)
+    return "no error"
+
+
+@pytest.mark.skipif(not __import__("meshtron.comm.shm", fromlist=["enabled"]).enabled(), reason="no shared memory")
+@pytest.mark.parametrize("kind, message", [
+    ("size", r"rank 0 called all_reduce #1 \(sum, float32, 16 bytes; chunk 1\) but rank 1 called all_reduce #1 "
+             r"\(sum, float32, 32 bytes; chunk 1\)"),
+    ("op", r"rank 0 called all_reduce #1 \(sum, float32, 16 bytes; chunk 1\) but rank 1 called all_reduce #1 "
+           r"\(max, float32, 16 bytes; chunk 1\)"),
+    ("skipped", r"rank 0 called all_reduce #1 \(sum, float32, 16 bytes; chunk 1\) but rank 1 called all_reduce #1 "
+                r"\(sum, int64, 24 bytes; chunk 1\)"),
+])
+def test_mismatched_calls_raise_naming_both_ranks_calls(kind, message):
+    with pytest.raises(RankError, match=r"rank 0: all_reduce over group model\[0, 1\] failed: mismatched "
+                                        r"collectives on group \(0, 1\): " + message):
+        run_ranks(_mismatched_calls, 2, kind, timeout_s=60)
+
+
+def _after_a_timeout():
+    import time
+    os.environ["MESHTRON_SHM"] = "1"
+    from meshtron.comm import collectives as C
+    mesh = Mesh.from_spec("model:2", timeout_s=2)
+    group = mesh.axis("model").group
+    if mesh.rank == 1:
+        time.sleep(4)                      # late for call 1: rank 0 times out
+    else:
+        with pytest.raises(C.CollectiveError, match="did not arrive within 2 s"):
+            C.all_reduce(torch.ones(4), group)
+    x = torch.full((4,), float(mesh.rank + 1))
+    try:                                   # rank 1's call 1 meets rank 0's call 2: refused, never combined
+        C.all_reduce(x, group)
+    except C.CollectiveError as e:
+        return str(e)
+    return x.tolist()
+
+
+@pytest.mark.skipif(not __import__("meshtron.comm.shm", fromlist=["enabled"]).enabled(), reason="no shared memory")
+def test_after_a_timeout_the_transport_refuses_instead_of_combining_stale_slots():
+    res = run_ranks(_after_a_timeout, 2, timeout_s=60)
+    assert "failed earlier" in res[0] and "out of step" in res[0]
+    assert isinstance(res[1], str) and "but rank 0 abandoned all_reduce #1 (it failed there)" in res[1]

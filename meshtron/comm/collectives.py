@@ -41,22 +41,36 @@ def shm_transport(group) -> "shm.ShmAllReduce | None":
     return t if t is not None and t.group is group else None
 
 
-def _shm_for(group, tensor: torch.Tensor, op: str):
+def _shm_for(group, tensor: torch.Tensor, op: str, out: torch.Tensor | None = None):
     """The shared-memory transport for this call, or None (gloo/NCCL). Decided identically on every rank."""
     t = shm_transport(group)
-    if (t is None or op not in shm._REDUCE or tensor.device.type != "cpu"
-            or not tensor.is_contiguous() or tensor.dtype in (torch.bool, torch.complex64, torch.complex128)):
+    if (t is None or op not in shm._OPS or tensor.device.type != "cpu"
+            or not tensor.is_contiguous() or tensor.dtype not in shm._DTYPES
+            or (out is not None and (not out.is_contiguous() or out.dtype != tensor.dtype))):
         return None
     return t
 
 
+def world():
+    """The group of every rank (for barriers and job-wide decisions), or None on one process."""
+    return dist.group.WORLD if dist.is_initialized() and dist.get_world_size() > 1 else None
+
+
+def _names(group) -> tuple[str, tuple[int, ...]]:
+    if id(group) in _GROUP_NAMES:
+        return _GROUP_NAMES[id(group)]
+    if dist.is_initialized() and group is dist.group.WORLD:
+        return "world", tuple(range(dist.get_world_size()))
+    return "?", ()
+
+
 def group_name(group) -> str:
-    name, ranks = _GROUP_NAMES.get(id(group), ("?", ()))
+    name, ranks = _names(group)
     return f"{name}{list(ranks)}" if ranks else name
 
 
 def group_axis(group) -> str:
-    return _GROUP_NAMES.get(id(group), ("?", ()))[0]
+    return _names(group)[0]
 
 
 @dataclass(frozen=True)
@@ -126,7 +140,7 @@ def record(op: str, group, tensor: torch.Tensor, detail: str = "") -> None:
 
 
 class CollectiveError(RuntimeError):
-    pass
+    """A collective that failed or timed out; the message names the rank, the operation and the group."""
 
 
 def _fail(op: str, group, err: Exception) -> CollectiveError:
@@ -187,14 +201,9 @@ def all_gather_into(tensor: torch.Tensor, group, world: int) -> torch.Tensor:
     """Gather every rank's `tensor` and concatenate along dim 0 (shape [world * n, ...])."""
     if group is None:
         return tensor
-    record("all_gather", group, tensor)
     out = torch.empty((world * tensor.shape[0],) + tuple(tensor.shape[1:]), dtype=tensor.dtype,
                       device=tensor.device)
-    try:
-        _all_gather(out, tensor.contiguous(), group=group)
-    except Exception as e:  # noqa: BLE001
-        raise _fail("all_gather", group, e) from e
-    return out
+    return all_gather_async(out, tensor.contiguous(), group).wait()
 
 
 def broadcast(tensor: torch.Tensor, src: int, group) -> torch.Tensor:
@@ -207,6 +216,52 @@ def broadcast(tensor: torch.Tensor, src: int, group) -> torch.Tensor:
     except Exception as e:  # noqa: BLE001
         raise _fail("broadcast", group, e) from e
     return tensor
+
+
+def all_reduce_future(tensor: torch.Tensor, group, detail: str = "") -> torch.futures.Future:
+    """Start an in-place SUM all-reduce over `group` (the backend's, never shared memory) and return a Future of
+    the reduced tensor whose failure is a `CollectiveError` naming the rank, the operation and the group: the form
+    DDP's communication hooks return."""
+    if group is None:
+        done: torch.futures.Future = torch.futures.Future()
+        done.set_result(tensor)
+        return done
+    record("all_reduce", group, tensor, detail)
+    try:
+        fut = dist.all_reduce(tensor, group=group, async_op=True).get_future()
+    except Exception as e:  # noqa: BLE001
+        raise _fail("all_reduce", group, e) from e
+
+    def unwrap(f):
+        try:
+            return f.value()[0]
+        except Exception as e:  # noqa: BLE001
+            raise _fail("all_reduce", group, e) from e
+    return fut.then(unwrap)
+
+
+def barrier(group) -> None:
+    """Wait until every rank of `group` (e.g. `world()`) arrives; no-op for None."""
+    if group is None:
+        return
+    record("barrier", group, torch.zeros(0))
+    try:
+        dist.barrier(group=group)
+    except Exception as e:  # noqa: BLE001
+        raise _fail("barrier", group, e) from e
+
+
+def broadcast_objects(objects: list, src: int, group) -> list:
+    """Broadcast a list of picklable objects in place from global rank `src` within `group` (meshtron's own
+    control messages only: what is received is unpickled)."""
+    if group is None:
+        return objects
+    record("broadcast_object", group, torch.zeros(0))
+    try:
+        dist.broadcast_object_list(objects, src=src, group=group)
+    except Exception as e:  # noqa: BLE001
+        raise _fail("broadcast_object", group, e) from e
+    return objects
 
 
 class Pending:
@@ -230,8 +285,10 @@ def all_gather_async(out: torch.Tensor, tensor: torch.Tensor, group, detail: str
     """Start gathering every rank's `tensor` into `out` (concatenated along dim 0; `tensor` may be `out`'s own
     chunk: in place)."""
     record("all_gather", group, tensor, detail)
+    transport = _shm_for(group, tensor, "all_gather", out)
     try:
-        work = _all_gather(out, tensor, group=group, async_op=True)
+        work = (transport.start_all_gather(out, tensor) if transport is not None
+                else _all_gather(out, tensor, group=group, async_op=True))
     except Exception as e:  # noqa: BLE001
         raise _fail("all_gather", group, e) from e
     return Pending(out, group, work, "all_gather")
@@ -241,8 +298,10 @@ def reduce_scatter_async(out: torch.Tensor, tensor: torch.Tensor, group, detail:
     """Start summing `tensor` (dim 0 of t equal chunks) over the group into `out`, this rank's chunk (`out` may
     be that chunk of `tensor`: in place)."""
     record("reduce_scatter", group, tensor, detail)
+    transport = _shm_for(group, tensor, "reduce_scatter", out)
     try:
-        work = _reduce_scatter(out, tensor, group=group, async_op=True)
+        work = (transport.start_reduce_scatter(out, tensor) if transport is not None
+                else _reduce_scatter(out, tensor, group=group, async_op=True))
     except Exception as e:  # noqa: BLE001
         raise _fail("reduce_scatter", group, e) from e
     return Pending(out, group, work, "reduce_scatter")

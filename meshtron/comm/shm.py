@@ -1,4 +1,5 @@
-"""All-reduce through shared memory for a group whose ranks share one host (CPU tensors), beside gloo.
+"""All-reduce, all-gather and reduce-scatter through shared memory for a group whose ranks share one host (CPU
+tensors), beside gloo.
 
 gloo all-reduces over TCP loopback: about 0.6 ms for a few bytes and 2.4 ms for 1 MB between two ranks here,
 which is most of tensor parallelism's cost on a CPU. Here each rank copies its tensor into its own slot of
@@ -11,6 +12,11 @@ Invariants:
 - Each rank has two slots, used alternately. A rank writes slot k % 2 for call k only after it has seen
   every peer publish call k-1, which a peer does only after it has finished reading call k-2 (the last
   use of that slot).
+- Each slot carries a header: (sequence, call number, bytes of the call, bytes of this chunk, dtype and op).
+  Before reducing, every rank checks that each peer's header equals its own: a mismatched call (another
+  size, dtype or op, or ranks out of step after an earlier failure) raises CollectiveError naming both
+  ranks' calls instead of combining misaligned data. After any failure the transport refuses every later
+  call, so stale slots are never read.
 - Tensors larger than a slot go through in slot-sized chunks.
 - A wait longer than the group's timeout, or a peer whose process has exited, raises CollectiveError naming
   the rank, the operation and the group.
@@ -26,8 +32,14 @@ import platform
 import time
 import uuid
 
+import numpy as np
 import torch
 import torch.distributed as dist
+
+
+class ShmError(RuntimeError):
+    """A failed shared-memory all-reduce (mismatched calls, a late or exited peer); the transport is then unusable."""
+
 
 def _slot_bytes() -> int:
     raw = os.environ.get("MESHTRON_SHM_SLOT_MB", "4")
@@ -37,9 +49,32 @@ def _slot_bytes() -> int:
 
 
 SLOT_BYTES = _slot_bytes()
-_FLAG_STRIDE = 8            # int64s per rank's header line (64 bytes): [0] its sequence flag, [1] its pid
+_FLAG_STRIDE = 16           # int64s per rank's header line (128 bytes): [0] its sequence flag, [1] its pid,
+_DESC = 2                   # [2:7] the descriptor of its slot 0, [7:12] of its slot 1 (see _descriptor)
+_DESC_LEN = 5
 _LIVENESS_S = 0.5           # while waiting, how often to check that the late peers' processes still exist
 _REDUCE = {"sum": torch.add, "max": torch.maximum, "min": torch.minimum}
+_OPS = list(_REDUCE) + ["all_gather", "reduce_scatter"]     # the op field of a slot's descriptor
+_DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16, torch.int64, torch.int32, torch.int16,
+           torch.int8, torch.uint8]
+
+
+def _code(dtype: torch.dtype, op: str) -> int:
+    d = _DTYPES.index(dtype) + 1 if dtype in _DTYPES else 0
+    return d * 16 + _OPS.index(op)
+
+
+def _describe(desc) -> str:
+    """A slot descriptor as a reader sees it: 'all_reduce #12 (sum, float32, 4,096 bytes; chunk 3)'."""
+    seq, call, total, _, code = (int(v) for v in desc)
+    if call < 0:
+        return f"abandoned all_reduce #{-call} (it failed there)"
+    d, o = divmod(code, 16)
+    dtype = str(_DTYPES[d - 1]).replace("torch.", "") if 0 < d <= len(_DTYPES) else "?"
+    op = _OPS[o] if o < len(_OPS) else "?"
+    if op in ("all_gather", "reduce_scatter"):
+        return f"{op} #{call} ({'sum, ' if op == 'reduce_scatter' else ''}{dtype}, {total:,} bytes; chunk {seq})"
+    return f"all_reduce #{call} ({op}, {dtype}, {total:,} bytes; chunk {seq})"
 
 
 def enabled() -> bool:
@@ -54,24 +89,46 @@ class ShmAllReduce:
         self.rank, self.world = dist.get_rank(group), len(ranks)
         world = self.world
         header = world * _FLAG_STRIDE * 8
-        self.flags = segment[:header].view(torch.int64)
-        self.peer_flags = self.flags.view(world, _FLAG_STRIDE)[:, 0]
-        self.peer_pids = [int(p) for p in self.flags.view(world, _FLAG_STRIDE)[:, 1]]   # 0: not checkable
+        self.segment = segment                       # keeps the mapping alive under the numpy view
+        self.header = segment[:header].numpy().view(np.int64).reshape(world, _FLAG_STRIDE)
+        self.peer_flags = self.header[:, 0]
+        self.peer_pids = [int(p) for p in self.header[:, 1]]   # 0: not checkable
         self.slots = segment[header:].view(world, 2, SLOT_BYTES)
         self.seq = 0
+        self.calls = 0                               # all-reduces issued (a call of several chunks counts once)
+        self.broken: str | None = None               # why an earlier call failed; then every call refuses
         self.spin = 0 if _oversubscribed() else 64   # busy-wait polls before yielding the core
         self.pending: "PendingShm | None" = None
 
-    # one chunk: publish (copy in, raise the flag), then complete (wait for peers, reduce in rank order)
-    def _publish(self, flat: torch.Tensor) -> int:
+    # one chunk: publish (copy in, describe, raise the flag), then complete (wait for peers, check that their
+    # descriptors equal ours, reduce in rank order)
+    def _publish(self, flat: torch.Tensor, call_bytes: int, op: str) -> int:
         self.seq += 1
         nbytes = flat.numel() * flat.element_size()
         self.slots[self.rank, self.seq % 2, :nbytes].view(flat.dtype).copy_(flat)
-        self.flags[self.rank * _FLAG_STRIDE] = self.seq
+        base = _DESC + (self.seq % 2) * _DESC_LEN
+        self.header[self.rank, base:base + _DESC_LEN] = (self.seq, self.calls, call_bytes, nbytes,
+                                                         _code(flat.dtype, op))
+        self.peer_flags[self.rank] = self.seq                # last: a peer that sees it sees the rest
         return self.seq
 
+    def _arrive(self, seq: int) -> None:
+        """Wait until every peer has published chunk `seq`, and check that they all describe the same call."""
+        try:
+            self._wait_peers(seq)
+        except ShmError as e:
+            self.broken = str(e)
+            base = _DESC + (seq % 2) * _DESC_LEN     # withdraw this call, so a late peer fails too, not combines
+            self.header[self.rank, base + 1] = -self.calls
+            raise
+        try:
+            self._check_peers(seq)                   # a mismatch: every peer sees it as well (nothing withdrawn)
+        except ShmError as e:
+            self.broken = str(e)
+            raise
+
     def _complete(self, flat: torch.Tensor, seq: int, op: str) -> None:
-        self._wait_peers(seq)
+        self._arrive(seq)
         nbytes = flat.numel() * flat.element_size()
         views = [self.slots[r, seq % 2, :nbytes].view(flat.dtype) for r in range(self.world)]
         reduce = _REDUCE[op]
@@ -79,12 +136,25 @@ class ShmAllReduce:
         for v in views[2:]:
             reduce(flat, v, out=flat)
 
+    def _check_peers(self, seq: int) -> None:
+        base = _DESC + (seq % 2) * _DESC_LEN
+        descs = self.header[:, base:base + _DESC_LEN]
+        mine = descs[self.rank]
+        if (descs == mine).all():
+            return
+        other = next(r for r in range(self.world) if not (descs[r] == mine).all())
+        theirs = _describe(descs[other])
+        raise ShmError(f"mismatched collectives on group {self.ranks}: rank {self.ranks[self.rank]} called "
+                       f"{_describe(mine)} but rank {self.ranks[other]} "
+                       f"{theirs if theirs.startswith('abandoned') else 'called ' + theirs}; every rank of a group "
+                       f"must issue the same collectives in the same order")
+
     def _wait_peers(self, seq: int) -> None:
-        if int(self.peer_flags.min()) >= seq:
+        if self.peer_flags.min() >= seq:
             return
         start = time.monotonic()
         next_check, spins = start + _LIVENESS_S, 0
-        while int(self.peer_flags.min()) < seq:
+        while self.peer_flags.min() < seq:
             spins += 1
             if spins > self.spin:           # a peer is still computing: let other processes have the core
                 if spins < 4096:
@@ -97,10 +167,10 @@ class ShmAllReduce:
                     late = [r for r in range(self.world) if int(self.peer_flags[r]) < seq]
                     gone = [r for r in late if not _alive(self.peer_pids[r])]
                     if gone:                # gloo would see its socket close; here, look for the process
-                        raise RuntimeError(f"shared-memory all-reduce {seq}: the process of rank(s) "
+                        raise ShmError(f"shared-memory all-reduce {seq}: the process of rank(s) "
                                            f"{[self.ranks[r] for r in gone]} has exited")
                     if now - start > self.timeout_s:
-                        raise TimeoutError(f"shared-memory all-reduce {seq}: rank(s) "
+                        raise ShmError(f"shared-memory all-reduce {seq}: timed out: rank(s) "
                                            f"{[self.ranks[r] for r in late]} did not arrive within "
                                            f"{self.timeout_s:.0f} s")
 
@@ -109,11 +179,20 @@ class ShmAllReduce:
         per = SLOT_BYTES // tensor.element_size()
         return [flat[i:i + per] for i in range(0, flat.numel(), per)]
 
+    def _begin(self, tensor: torch.Tensor) -> int:
+        """Refuse if an earlier call failed; count this call; returns its size in bytes."""
+        if self.broken is not None:
+            raise ShmError(f"this group's shared-memory transport failed earlier ({self.broken}); its ranks are "
+                           f"out of step, so no later collective on it can be trusted")
+        self.calls += 1
+        return tensor.numel() * tensor.element_size()
+
     def all_reduce(self, tensor: torch.Tensor, op: str = "sum") -> torch.Tensor:
         """In place, blocking."""
         self.flush()
+        total = self._begin(tensor)
         for chunk in self._chunks(tensor):
-            self._complete(chunk, self._publish(chunk), op)
+            self._complete(chunk, self._publish(chunk, total, op), op)
         return tensor
 
     def start(self, tensor: torch.Tensor) -> "PendingShm":
@@ -124,15 +203,75 @@ class ShmAllReduce:
             done = PendingShm(self, tensor, tensor, 0)
             done.done = True
             return done
+        total = self._begin(tensor)
         for chunk in chunks[:-1]:                       # only the last chunk is left in flight
-            self._complete(chunk, self._publish(chunk), "sum")
-        self.pending = PendingShm(self, tensor, chunks[-1], self._publish(chunks[-1]))
+            self._complete(chunk, self._publish(chunk, total, "sum"), "sum")
+        self.pending = PendingShm(self, tensor, chunks[-1], self._publish(chunks[-1], total, "sum"))
         return self.pending
 
     def flush(self) -> None:
-        """Finish an all-reduce left in flight, so calls complete in the order they started."""
+        """Finish a call left in flight, so calls complete in the order they started."""
         if self.pending is not None:
             self.pending.wait()
+
+    # all-gather and reduce-scatter: the same slots, one chunk in flight, read in rank order
+    def start_all_gather(self, out: torch.Tensor, tensor: torch.Tensor) -> "PendingShm":
+        """Every rank's `tensor` into `out` (concatenated along dim 0, in rank order), completing at `wait()`."""
+        self.flush()
+        flat, dst = tensor.reshape(-1), out.view(self.world, -1)
+        chunks = self._chunks(flat)
+        total = self._begin(tensor)
+        off, last = 0, None
+        for i, chunk in enumerate(chunks):
+            seq = self._publish(chunk, total, "all_gather")
+            if i < len(chunks) - 1:                     # every chunk but the last completes before the next
+                self._gather_chunk(dst, seq, off, chunk.numel(), flat.dtype)
+            else:
+                last = (seq, off, chunk.numel())
+            off += chunk.numel()
+        return self._leave_in_flight(out, lambda: last and self._gather_chunk(dst, *last, flat.dtype))
+
+    def _gather_chunk(self, dst, seq: int, off: int, n: int, dtype) -> None:
+        self._arrive(seq)
+        nbytes = n * dtype.itemsize
+        for r in range(self.world):
+            dst[r, off:off + n].copy_(self.slots[r, seq % 2, :nbytes].view(dtype))
+
+    def start_reduce_scatter(self, out: torch.Tensor, tensor: torch.Tensor) -> "PendingShm":
+        """Sum every rank's `tensor` (t equal parts along dim 0) and keep this rank's part in `out`, summing the
+        slots in rank order; completes at `wait()`."""
+        self.flush()
+        flat, mine = tensor.reshape(-1), out.reshape(-1)
+        part = flat.numel() // self.world
+        lo, hi = self.rank * part, (self.rank + 1) * part
+        total = self._begin(tensor)
+        chunks = self._chunks(flat)
+        off, last = 0, None
+        for i, chunk in enumerate(chunks):
+            seq = self._publish(chunk, total, "reduce_scatter")
+            if i < len(chunks) - 1:
+                self._scatter_chunk(mine, seq, off, chunk.numel(), lo, hi, flat.dtype)
+            else:
+                last = (seq, off, chunk.numel())
+            off += chunk.numel()
+        return self._leave_in_flight(out, lambda: last and self._scatter_chunk(mine, *last, lo, hi, flat.dtype))
+
+    def _scatter_chunk(self, mine, seq: int, off: int, n: int, lo: int, hi: int, dtype) -> None:
+        self._arrive(seq)
+        a, b = max(lo, off), min(hi, off + n)
+        if a >= b:
+            return
+        views = [self.slots[r, seq % 2, (a - off) * dtype.itemsize:(b - off) * dtype.itemsize].view(dtype)
+                 for r in range(self.world)]
+        dst = mine[a - lo:b - lo]
+        torch.add(views[0], views[1], out=dst)
+        for v in views[2:]:
+            dst.add_(v)
+
+    def _leave_in_flight(self, result: torch.Tensor, finish) -> "PendingShm":
+        done = PendingShm(self, result, None, 0, finish)
+        self.pending = done
+        return done
 
 
 def _oversubscribed() -> bool:
@@ -157,25 +296,34 @@ def _alive(pid: int) -> bool:
 
 
 class PendingShm:
-    def __init__(self, owner: ShmAllReduce, tensor: torch.Tensor, last: torch.Tensor, seq: int):
+    """A call whose last chunk is published and not yet read; `wait()` reads it (an all-reduce's sum, or the
+    `finish` of an all-gather or reduce-scatter)."""
+
+    def __init__(self, owner: ShmAllReduce, tensor: torch.Tensor, last: torch.Tensor | None, seq: int,
+                 finish=None):
         self.owner, self.tensor, self.last, self.seq, self.done = owner, tensor, last, seq, False
+        self.finish = finish
 
     def wait(self) -> torch.Tensor:
         if not self.done:
             self.done = True
             if self.owner.pending is self:
                 self.owner.pending = None
-            self.owner._complete(self.last, self.seq, "sum")
+            if self.finish is not None:
+                self.finish()
+            else:
+                self.owner._complete(self.last, self.seq, "sum")
         return self.tensor
 
 
 def setup(group, ranks: tuple[int, ...], timeout_s: float) -> ShmAllReduce | None:
     """Collective over `group` (gloo): map one segment on every rank, or return None on every rank."""
+    from meshtron.comm import collectives as C          # named, counted collectives (C imports this module)
     world, me = len(ranks), dist.get_rank(group)
     size = world * _FLAG_STRIDE * 8 + world * 2 * SLOT_BYTES
     token = uuid.uuid4()
     name = [(f"/dev/shm/meshtron-{token.hex}", token.bytes) if me == 0 else None]
-    dist.broadcast_object_list(name, src=ranks[0], group=group)
+    C.broadcast_objects(name, ranks[0], group)
     (path, nonce), segment, ok = name[0], None, torch.ones(1)
     if me == 0:
         try:
@@ -184,7 +332,7 @@ def setup(group, ranks: tuple[int, ...], timeout_s: float) -> ShmAllReduce | Non
                 f.truncate(size)
         except OSError:
             ok.zero_()
-    dist.barrier(group=group)
+    C.barrier(group)
     if ok.item() == 1:
         try:
             segment = torch.from_file(path, shared=True, size=size, dtype=torch.uint8)
@@ -192,8 +340,8 @@ def setup(group, ranks: tuple[int, ...], timeout_s: float) -> ShmAllReduce | Non
                 ok.zero_()
         except Exception:  # noqa: BLE001 - no shared /dev/shm between these ranks: gloo it is
             ok.zero_()
-    dist.barrier(group=group)   # everyone has read the nonce before the flags (which overlay it) move
-    dist.all_reduce(ok, op=dist.ReduceOp.MIN, group=group)   # every rank mapped it, or none uses it
+    C.barrier(group)   # everyone has read the nonce before the flags (which overlay it) move
+    C.all_reduce(ok, group, dist.ReduceOp.MIN)   # every rank mapped it, or none uses it
     if me == 0 or ok.item() < 1:
         try:
             os.unlink(path)                                   # the mappings stay; nothing is left behind
@@ -203,13 +351,13 @@ def setup(group, ranks: tuple[int, ...], timeout_s: float) -> ShmAllReduce | Non
         return None
     segment[:len(nonce)] = 0                                  # the flags start at zero on every rank
     header = segment[:world * _FLAG_STRIDE * 8].view(torch.int64).view(world, _FLAG_STRIDE)
-    dist.barrier(group=group)
+    C.barrier(group)
     header[me, 1] = os.getpid()
-    dist.barrier(group=group)
+    C.barrier(group)
     # pids are only meaningful if every peer's process is visible here (one pid namespace)
     visible = torch.tensor([float(all(_alive(int(p)) for p in header[:, 1]))])
-    dist.all_reduce(visible, op=dist.ReduceOp.MIN, group=group)
+    C.all_reduce(visible, group, dist.ReduceOp.MIN)
     if visible.item() < 1:
         header[me, 1] = 0
-    dist.barrier(group=group)
+    C.barrier(group)
     return ShmAllReduce(group, ranks, segment, timeout_s, path)

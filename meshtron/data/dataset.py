@@ -4,8 +4,10 @@ The stream is every document's ids followed by the end-of-text id, in source ord
 memmap (uint16 when the vocabulary fits, else uint32). Window i is tokens[i*T : i*T + T + 1] (T = seq_len):
 windows do not overlap (stride T), each gives inputs [:-1] and targets [1:]. The last `val_fraction` of the
 windows (rounded up, at least one) is the validation split; the rest is training.
-Invariant: the stream is a pure function of (documents, tokenizer fingerprint); a cache entry is reused only
-when both are unchanged, and is written atomically (a crash leaves the previous entry or none).
+Invariants: the stream is a pure function of (documents, tokenizer fingerprint); a cache entry is reused only
+when both are unchanged and every id in it is below the tokenizer's vocabulary size (checked when the stream is
+written and again, in one pass, whenever it is reused: an entry that fails is rebuilt), and is written
+atomically (a crash leaves the previous entry or none).
 """
 from __future__ import annotations
 
@@ -73,11 +75,17 @@ def tokenize_data(data: str | Path | Sequence = BUILTIN, tokenizer: str | Path |
     meta, stats = _read_meta(meta_path, cache), [s.stat_signature() for s in sources]
     content = None if meta is not None and meta["stats"] == stats else content_digest(sources)
     if meta is not None and content in (None, meta["content"]):
-        if content is not None:
-            _atomic.write_text(meta_path, json.dumps({**meta, "stats": stats}))
+        bad = _first_out_of_range(_memmap(cache / meta["bin"], meta), tok.vocab_size)
+        if bad is None:
+            if content is not None:
+                _atomic.write_text(meta_path, json.dumps({**meta, "stats": stats}))
+            if log:
+                log(f"reusing {meta['n_tokens']:,} cached tokens from {cache / meta['bin']}")
+            return _open_cached(meta, cache, tok, labels)
         if log:
-            log(f"reusing {meta['n_tokens']:,} cached tokens from {cache / meta['bin']}")
-        return _open_cached(meta, cache, tok, labels)
+            log(f"the cached tokens {cache / meta['bin']} hold id {bad}, outside the {tok.describe()}'s "
+                f"{tok.vocab_size} ids (a damaged cache): tokenising again")
+        content = content or content_digest(sources)
 
     bin_path = cache / f"tokens-{slot}-{content[:16]}.bin"
     t0 = time.perf_counter()
@@ -141,6 +149,11 @@ def _write_stream(sources: Sequence[Source], tok: Tokenizer, dtype: np.dtype, wr
     n_tokens = n_docs = 0
     for batch in _batches(iter_documents(sources)):
         for ids in tok.encode_batch(batch):
+            ids = np.asarray(ids)
+            if len(ids) and (ids.min() < 0 or ids.max() >= tok.vocab_size):
+                bad = int(ids.min()) if ids.min() < 0 else int(ids.max())
+                raise DataError(f"the {tok.describe()} produced token id {bad}, outside its vocabulary of "
+                                f"{tok.vocab_size}: the tokenizer is inconsistent; give another --tokenizer")
             write(ids.astype(dtype).tobytes())
             write(eot.tobytes())
             n_tokens += len(ids) + 1
@@ -186,6 +199,15 @@ def _read_meta(path: Path, cache: Path) -> dict | None:
         return meta if ok else None
     except (OSError, ValueError, KeyError, TypeError):
         return None
+
+
+def _first_out_of_range(tokens: np.ndarray, vocab_size: int, chunk: int = 1 << 24) -> int | None:
+    """The first id >= vocab_size in `tokens` (read in chunks: one pass at memory speed), or None."""
+    for i in range(0, len(tokens), chunk):
+        part = tokens[i:i + chunk]
+        if len(part) and int(part.max()) >= vocab_size:
+            return int(part[part >= vocab_size][0])
+    return None
 
 
 def _memmap(path: Path, meta: dict) -> np.ndarray:

@@ -113,11 +113,8 @@ class _Checkpoint:
 
     def _load_bin(self, file: str) -> dict:
         if file not in self._open:
-            path = os.path.join(self.dir, file)
-            try:
-                self._open[file] = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-            except RuntimeError:   # legacy (non-zip) format cannot be memory-mapped
-                self._open[file] = torch.load(path, map_location="cpu", weights_only=True)
+            from meshtron.load import load_torch_weights   # tensors only, never code
+            self._open[file] = load_torch_weights(os.path.join(self.dir, file))
         return self._open[file]
 
     def keys(self) -> set[str]:

@@ -126,9 +126,12 @@ class CausalLM(nn.Module):
 
     def sequence_axis(self, idx: torch.Tensor, cache=None):
         """The axis the residual stream's sequence is split over in this forward (the layout's `seq` rule), or
-        None: decoding with a KV cache, and layouts without the rule, keep whole sequences."""
+        None: decoding with a KV cache, layouts without the rule, and evaluation of a length the axis does not
+        divide keep whole sequences."""
         seq = self.seq_axis
         if cache is not None or seq.size == 1:
+            return None
+        if idx.shape[1] % seq.size and not self.training:     # inference on any length: whole sequences
             return None
         if idx.shape[1] % seq.size:
             raise ValueError(f"sequence parallelism over {seq.name!r} (size {seq.size}) needs sequences whose length "

@@ -8,6 +8,8 @@ the sequence, or, with a vocabulary not split over that axis, only this rank's t
 """
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -28,6 +30,9 @@ class VocabParallelEmbedding(nn.Module):
         self.n_valid = self.weight.shard.local_valid()   # real (unpadded) rows on this rank
 
     def forward(self, ids: torch.Tensor, seq: MeshAxis | None = None) -> torch.Tensor:
+        if os.environ.get("MESHTRON_DEBUG") == "1" and ids.numel() and (ids.min() < 0 or ids.max() >= self.vocab_size):
+            bad = ids[(ids < 0) | (ids >= self.vocab_size)][0].item()   # a split vocabulary would look up nothing
+            raise IndexError(f"token id {bad} is outside the vocabulary [0, {self.vocab_size}) (MESHTRON_DEBUG=1)")
         split_seq = seq is not None and seq.size > 1
         if split_seq and seq.name != self.axis.name:
             ids = seq_chunk(ids, seq, 1)                  # this rank's tokens of the sequence

@@ -24,14 +24,17 @@ from meshtron.pipeline import schedule as S
 
 
 class PipelineRunner:
-    def __init__(self, model, mesh, *, schedule: str = "1f1b", microbatches: int = 1, autocast=None):
+    def __init__(self, model, mesh, *, schedule: str | None = "1f1b", microbatches: int = 1, autocast=None):
+        """`schedule` None: a runner for `evaluate` only (forward passes in micro-batch order)."""
         self.model, self.mesh = model, mesh
         self.axis = model.layout.axis("layers")
         self.stages, self.rank, self.chunks = self.axis.size, self.axis.coord, model.stage.chunks
         self.schedule, self.microbatches = schedule, microbatches
-        self.actions = S.build(schedule, self.stages, microbatches, self.chunks)
-        S.simulate(self.actions, self.stages, self.chunks)             # deadlock-free, or refuse now
-        self.mine = self.actions[self.rank]
+        self.actions = self.mine = None
+        if schedule is not None:
+            self.actions = S.build(schedule, self.stages, microbatches, self.chunks)
+            S.simulate(self.actions, self.stages, self.chunks)         # deadlock-free, or refuse now
+            self.mine = self.actions[self.rank]
         self.autocast = autocast
         self.seq = model.seq_axis if model.seq_axis.size > 1 else None
         self.trace: list[tuple[str, float, float]] | None = None   # set to [] to record (what, start, end)
@@ -115,9 +118,10 @@ class PipelineRunner:
 
     @torch.no_grad()
     def evaluate(self, local_batch: torch.Tensor) -> torch.Tensor:
-        """The mean loss of `local_batch` through the pipeline, forward only (every pipe rank gets it)."""
-        chunks = local_batch.chunk(self.microbatches)
-        rows, tokens = chunks[0].shape[0], local_batch.shape[1] - 1
+        """The mean loss of `local_batch` through the pipeline, forward only, as one micro-batch (every pipe rank
+        gets it)."""
+        chunks = [local_batch]
+        rows, tokens = local_batch.shape[0], local_batch.shape[1] - 1
         total = torch.zeros((), device=self.mesh.device)
         sends = []
         last_v = self.stages * self.chunks - 1

@@ -17,6 +17,18 @@ import warnings
 TRAIN_SCALARS = ("loss", "lr", "tokens_per_s", "mfu", "grad_norm", "step_time_s")
 
 
+def peak_memory_bytes(device) -> int:
+    """This process's peak memory: on CUDA the caching allocator's peak allocation, on the CPU the peak resident
+    set size (getrusage; Linux reports KiB)."""
+    import torch
+    if getattr(device, "type", device) == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    import resource
+    import sys as _sys
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss if _sys.platform == "darwin" else rss * 1024
+
+
 def truncate_after(path: str, step: int) -> int:
     """Keep the lines of a metrics.jsonl whose step is <= `step` (a torn last line goes too); returns lines kept."""
     if not os.path.exists(path):

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 
 import torch
 import torch.distributed as dist
@@ -22,13 +23,20 @@ from meshtron.parallel.sharding import ShardSpec
 
 
 def _counted_allreduce_hook(group):
+    """DDP's gradient all-reduce through meshtron's counted, named collectives: through shared memory when the
+    group's ranks share a host (reduced at once, in rank order; `MESHTRON_SHM_DDP=0` keeps gloo's asynchronous
+    all-reduce), else the backend's."""
     world = dist.get_world_size(group)
+    use_shm = C.shm_transport(group) is not None and os.environ.get("MESHTRON_SHM_DDP", "1") != "0"
 
     def hook(_state, bucket):
         buf = bucket.buffer()
         buf.div_(world)
-        C.record("all_reduce", group, buf, "grad")
-        return dist.all_reduce(buf, group=group, async_op=True).get_future().then(lambda f: f.value()[0])
+        if use_shm:
+            done: torch.futures.Future = torch.futures.Future()
+            done.set_result(C.all_reduce(buf, group))
+            return done
+        return C.all_reduce_future(buf, group, "grad")
     return hook
 
 
@@ -179,6 +187,11 @@ class TrainStep:
             grad_norm = self.optimizer.clip_grad_norm(self.clip, self.batch_axis.name)
         else:
             grad_norm = clip_grad_norm(self.model, self.clip, self.mesh, self.batch_axis.name)
+        if not math.isfinite(grad_norm):     # the same global norm on every rank: all stop together
+            self.optimizer.zero_grad(set_to_none=True)
+            raise FloatingPointError(f"the gradient norm is {grad_norm} (the loss was finite): stopped before the "
+                                     f"update, so the weights and the last checkpoint stay good; resume from it "
+                                     f"with a lower --lr or a tighter --clip")
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         return grad_norm
@@ -214,8 +227,7 @@ def evaluate(model: nn.Module, batches, batch_axis, bf16: bool = False) -> float
     runner = None
     if model.pipelined:
         from meshtron.pipeline.runner import PipelineRunner
-        runner = PipelineRunner(model, model.mesh, schedule="gpipe", microbatches=1,
-                                autocast=lambda: autocast(device.type, bf16))
+        runner = PipelineRunner(model, model.mesh, schedule=None, autocast=lambda: autocast(device.type, bf16))
     total, n = torch.zeros((), dtype=torch.float64, device=device), 0
     for batch in batches:
         batch = to_device(batch, device)
