@@ -92,6 +92,26 @@ def launch_options(args) -> LaunchOptions:
         raise ValueError(options_error(e, {k: "flags" for k in given}, LaunchOptions)) from None
 
 
+def _fit_saved_layout(values: dict, flags: dict) -> None:
+    """Resuming on another mesh: the saved layout rules keep only the axes the new mesh has, and the pipeline's
+    virtual stages go without a pipe axis (the model computed is the same whatever the layout); flags given with
+    the new mesh win."""
+    from meshtron.mesh import parse_mesh_spec
+    try:
+        axes = set(parse_mesh_spec(flags["mesh"]))
+    except ValueError:
+        return                                      # the schema reports the bad mesh
+    if "layout" not in flags and values.get("layout"):
+        kept = [r for r in str(values["layout"]).replace(",", ";").split(";")
+                if r.strip() and r.split(":")[-1].strip() in axes]
+        values["layout"] = ";".join(kept) or None
+    if "virtual_stages" not in flags and values.get("virtual_stages", 1) != 1:
+        from meshtron.layout import LayoutRules
+        dims = LayoutRules.parse(values["layout"]).as_dict() if values.get("layout") else {"layers": "pipe"}
+        if dims.get("layers") not in axes:
+            values["virtual_stages"] = 1
+
+
 def resolve(args, launch: LaunchOptions | None = None):
     """(TrainConfig, checkpoint to resume from or None), from defaults < the resumed checkpoint's configuration <
     config file < flags. Unknown keys, wrong types and out-of-range values are ValueErrors naming them."""
@@ -146,6 +166,8 @@ def resolve(args, launch: LaunchOptions | None = None):
     flags.update({k: getattr(args, k) for k in ModelOverrides.model_fields if getattr(args, k, None) is not None})
     if args.resume:
         flags.pop("out", None)
+        if "mesh" in flags:
+            _fit_saved_layout(values, flags)
     merge(flags, "flags")
     try:
         cfg = TrainConfig(**values, overrides=overrides)
@@ -182,8 +204,8 @@ def run(args) -> int:
         cfg, resume_from = resolve(args, launch)
         launched = under_launcher()
         warning = None if launched else check_local_world(cfg.world_size)
-        if launched:                     # every torchrun rank checks alike, so all fail alike
-            cfg.check(get_vocab_for_check(cfg))
+        cfg.check(get_vocab_for_check(cfg))   # the layout and shape (the data's vocabulary is checked later, too);
+                                              # under torchrun every rank checks alike, so all fail alike
     except ValueError as e:
         return _error(e, 2)
     if launched and os.environ.get("RANK", "0") != "0":     # rank 0 locks, reports and prepares the folder
