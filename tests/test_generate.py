@@ -438,3 +438,44 @@ def test_penalties_in_generation_equal_transformers(hf):
 def _penalised(path, prompt, params, eos):
     model = build_from_hf(path, Mesh.from_spec("model:2")).eval()
     return [generate(model, [prompt], p, eos_ids=e)[0].token_ids for p, e in zip(params, eos)]
+
+
+class _DecodeFails:
+    """A tokenizer whose decode fails on one token: rank-0-only work (the text of sequences without stop strings)
+    failing where the other ranks do nothing."""
+    eot_id = 0
+
+    def __init__(self, bad):
+        self.bad = bad
+
+    def encode(self, text):
+        return [int(t) for t in text.split()]
+
+    def decode(self, ids):
+        if self.bad in ids:
+            raise RuntimeError(f"cannot decode {self.bad}")
+        return " ".join(map(str, ids))
+
+
+def _text_fails_on_rank0(path, bad):
+    mesh = Mesh.from_spec("model:2")
+    model = build_from_hf(path, mesh).eval()
+    engine = Engine(model, _DecodeFails(bad), text=mesh.rank == 0)
+    first = engine.generate([Request(i, p, GREEDY) for i, p in enumerate(PROMPTS)])
+    again = engine.generate([Request(i, p, GREEDY) for i, p in enumerate(PROMPTS)])    # still in step
+    return [c.token_ids for c in first], [c.error for c in first], [c.token_ids for c in again]
+
+
+def test_rank0_text_failure_changes_nothing_decoded(hf):
+    """Item 16: rank 0 alone builds the text; its decode failing is reported on that sequence's events and
+    leaves every rank's tokens (and the engine's state) as they would have been."""
+    path, want = hf["gpt2"]
+    bad = next(t for t in want[0] if all(t not in p for p in PROMPTS))
+    per_rank = run_ranks(_text_fails_on_rank0, 2, path, bad)
+    for rank, (first, errors, again) in enumerate(per_rank):
+        assert first == again == want, f"rank {rank}"
+        failed = [i for i, e in enumerate(errors) if e]
+        if rank == 0:
+            assert failed == [i for i, w in enumerate(want) if bad in w] and "cannot decode" in errors[0]
+        else:
+            assert failed == []

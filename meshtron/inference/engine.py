@@ -132,8 +132,13 @@ class Engine:
             for req in members:
                 budget = min(req.params.max_new_tokens, self.max_seq_len - len(req.prompt_ids))
                 seq = _Seq(req, replica, budget)
-                if req.params.stop or self.text:
+                if req.params.stop:                      # every rank: the stop decision
                     seq.stream = TextStream(self.tok, req.prompt_ids, req.params.stop)
+                elif self.text:                          # rank 0's text only
+                    try:
+                        seq.stream = TextStream(self.tok, req.prompt_ids)
+                    except Exception as e:  # noqa: BLE001 - rank-0-only work: reported, nothing else changes
+                        seq.text_error = f"could not decode the text: {type(e).__name__}: {e}"
                 if replica == self.replica:
                     seq.generator = make_generator(req.params)
                 self.seqs[req.id] = seq
