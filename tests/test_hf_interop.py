@@ -345,3 +345,36 @@ def test_a_bos_adding_llama_tokenizer_is_followed(hf, tmp_path, how, capsys):
         other = without_bos.generate(x[:, 1:], attention_mask=torch.ones_like(x[:, 1:]), max_new_tokens=8,
                                      do_sample=False, pad_token_id=0)[0, len(ids) - 1:].tolist()
     assert other != new                                                 # the BOS matters to the text
+
+
+def test_eval_loglikelihood_equals_transformers(hf, tmp_path, capsys):
+    """`meshtron eval --loglikelihood` (lm-eval's loglikelihood request, on model:2: split vocabulary, full forward)
+    gives transformers' sum of continuation log-softmax values to 1e-4, and its greedy flags."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
+
+    from meshtron.cli import main
+    path = tmp_path / "m"
+    shutil.copytree(hf["gpt2-tied"][0], path)
+    vocab = {f"w{i}": i for i in range(VOCAB - 2)} | {"<unk>": VOCAB - 2, "<|endoftext|>": VOCAB - 1}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", eos_token="<|endoftext|>").save_pretrained(path)
+    g = torch.Generator().manual_seed(2)
+    words = lambda n: " ".join(f"w{i}" for i in torch.randint(0, VOCAB - 2, (n,), generator=g).tolist())  # noqa: E731
+    items = [{"context": words(3 + i % 4), "continuation": " " + words(1 + i % 3)} for i in range(6)]
+    items.append({"context": "", "continuation": words(4)})              # empty context: end-of-text first
+    (tmp_path / "items.jsonl").write_text("".join(json.dumps(it) + "\n" for it in items))
+    assert main(["eval", str(path), "--loglikelihood", str(tmp_path / "items.jsonl"), "--mesh", "model:2",
+                 "--batch-size", "3"]) == 0
+    got = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    model = AutoModelForCausalLM.from_pretrained(str(path)).eval()
+    ids = lambda s: [int(w[1:]) for w in s.split()]                                            # noqa: E731
+    for it, row in zip(items, got, strict=True):
+        ctx, cont = ids(it["context"]) or [VOCAB - 1], ids(it["continuation"])
+        with torch.no_grad():
+            lp = torch.log_softmax(model(torch.tensor([ctx + cont])).logits[0, :-1].double(), -1)
+        rows = lp[len(ctx) - 1:]
+        want = sum(rows[j, t].item() for j, t in enumerate(cont))
+        assert abs(row["loglikelihood"] - want) < 1e-4 and row["tokens"] == len(cont)
+        assert row["is_greedy"] == all(int(rows[j].argmax()) == t for j, t in enumerate(cont))
