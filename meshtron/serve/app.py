@@ -1,6 +1,6 @@
 """The HTTP side of `meshtron serve` (rank 0 only): OpenAI-compatible `POST /v1/completions` and
-`POST /v1/chat/completions` (JSON or server-sent events), `GET /v1/models`, `GET /health`, and `GET /stats`
-(scheduler counters).
+`POST /v1/chat/completions` (JSON or server-sent events), `GET /v1/models`, `GET /health`, `GET /stats`
+(scheduler counters) and `GET /openapi.json`.
 
 Invariant: every failure is an OpenAI-shaped JSON error with a 4xx/5xx status, decided here before the
 scheduler sees the request (auth, body size, JSON, fields, lengths); an accepted request becomes one scheduler
@@ -20,6 +20,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from meshtron.inference import Event, Request, SamplingParams
 from meshtron.serve.chat import ChatTemplate, chat_choice, chat_completion, chat_delta, parse_chat
+from meshtron.serve.openapi import spec
 from meshtron.serve.outputs import (SeqOut, TokenText, best, chat_logprobs, completion_logprobs, merge,
                                     prompt_logprobs)
 from meshtron.serve.protocol import (DONE, APIError, CompletionRequest, Limits, choice, completion, parse_completion,
@@ -78,6 +79,11 @@ def build_app(scheduler: Scheduler, tokenizer, model_name: str, limits: Limits, 
         if not scheduler.alive:
             return JSONResponse({"status": "error", "error": str(scheduler.error or "stopped")}, status_code=503)
         return {"status": "ok"}
+
+    @app.get("/openapi.json")
+    async def openapi():
+        """The API's OpenAPI 3.1 description (documentation; the parser validates)."""
+        return spec(model_name)
 
     @app.get("/stats")
     async def stats():
