@@ -111,7 +111,8 @@ class Engine:
         room = 0 if req.params.max_new_tokens == 0 else 1
         if n > self.max_seq_len - room:
             raise ValueError(f"the prompt has {n} tokens; this model's context is {self.max_seq_len} tokens, "
-                             f"so prompts must be at most {self.max_seq_len - 1} to leave room for one new token")
+                             f"so prompts must be at most {self.max_seq_len - room}"
+                             + (" to leave room for one new token" if room else ""))
         if req.params.stop and self.tok is None:
             raise ValueError("stop sequences need a tokenizer")
         vocab = self.model.config.vocab_size
