@@ -79,7 +79,7 @@ def write_tasks(folder: str) -> None:
     with open(os.path.join(data, "gen.jsonl"), "w") as f:
         for p in GEN:
             f.write(json.dumps({"prompt": p, "target": ""}) + "\n")
-    common = f"dataset_path: json\ntest_split: test\n"
+    common = "dataset_path: json\ntest_split: test\n"
     with open(os.path.join(folder, "meshtron_mc.yaml"), "w") as f:
         f.write(f"task: meshtron_mc\n{common}dataset_kwargs:\n  data_files:\n    test: {data}/mc.jsonl\n"
                 "output_type: multiple_choice\ndoc_to_text: \"{{question}}\"\ndoc_to_choice: \"{{choices}}\"\n"

@@ -52,15 +52,16 @@ class Replicas:
         if n == 0:
             return {}
         width = 2 + 2 * k if scored else 1
-        buf = torch.full((n, width), math.nan, dtype=torch.float64)
+        rows_out = [[math.nan] * width for _ in range(n)]
         for b, ch in enumerate(mine):
-            buf[b, 0] = -1 if ch.token is None else ch.token
+            row = rows_out[b]
+            row[0] = -1 if ch.token is None else ch.token
             if scored and ch.logprob is not None:
-                buf[b, 1] = ch.logprob
+                row[1] = ch.logprob
                 for j, (tid, lp) in enumerate(ch.top or ()):
-                    buf[b, 2 + j], buf[b, 2 + k + j] = tid, lp
-        every = C.all_gather_into(buf.to(self.device), dist.group.WORLD, self.world).view(self.world, n, width)
-        every = every.cpu()
+                    row[2 + j], row[2 + k + j] = tid, lp
+        buf = torch.tensor(rows_out, dtype=torch.float64, device=self.device)
+        every = C.all_gather_into(buf, dist.group.WORLD, self.world).view(self.world, n, width).cpu()
         if not self._warned:
             self._check_agreement(every[..., 0], rows)
         out = {}
@@ -84,16 +85,18 @@ class Replicas:
         per = [[i for i in ids if i in lengths] for ids in rows]
         n = max(1, max(sum(lengths[i] - 1 for i in ids) for ids in per))
         width = 1 + 2 * k
-        buf = torch.full((n, width), math.nan, dtype=torch.float64)
+        rows_out = [[math.nan] * width for _ in range(n)]
         b = 0
         for i in per[self.replica]:
             got = mine[i]
             for lp, top in zip(got.logprobs[1:], got.top[1:]):
-                buf[b, 0] = lp
+                row = rows_out[b]
+                row[0] = lp
                 for j, (tid, v) in enumerate(top or ()):
-                    buf[b, 1 + j], buf[b, 1 + k + j] = tid, v
+                    row[1 + j], row[1 + k + j] = tid, v
                 b += 1
-        every = C.all_gather_into(buf.to(self.device), dist.group.WORLD, self.world).view(self.world, n, width).cpu()
+        buf = torch.tensor(rows_out, dtype=torch.float64, device=self.device)
+        every = C.all_gather_into(buf, dist.group.WORLD, self.world).view(self.world, n, width).cpu()
         out = {}
         for r, ids in enumerate(per):
             data, b = every[self.leaders[r]].tolist(), 0
