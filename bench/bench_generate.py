@@ -143,10 +143,11 @@ def _logprobs_worker(path, spec, case, new, repeats):
     model = build_from_hf(path, Mesh.from_spec(spec)).eval()
     ids = prompts(*case)
     rows = {m: [] for m in LOGPROB_MODES}
+    modes = list(LOGPROB_MODES)
     with Usage() as usage:
-        for r in range(repeats + 1):                # repeat 0 warms up
-            for mode, kw in LOGPROB_MODES.items():
-                got = time_meshtron(model, ids, new, **kw)
+        for r in range(repeats + 1):                # repeat 0 warms up; the order rotates, repeat after repeat
+            for mode in modes[r % len(modes):] + modes[:r % len(modes)]:
+                got = time_meshtron(model, ids, new, **LOGPROB_MODES[mode])
                 if r:
                     rows[mode].append(got[:2])
     med = {m: (statistics.median(x[0] for x in v), statistics.median(x[1] for x in v)) for m, v in rows.items()}
@@ -375,7 +376,8 @@ def main():
             lines = logprobs_table(path, (8, 128), new, repeats, args.wait_idle)
             sections += ["## What logprobs cost", "", *lines, "",
                          f"meshtron alone, greedy, {new} new tokens, batch 8 x 128-token prompts; each repeat runs the "
-                         "three modes back to back (medians of the repeats after one warm-up). `logprobs 5`: each new "
+                         f"three modes back to back, in an order that rotates (medians of {repeats} repeats after one "
+                         "warm-up). `logprobs 5`: each new "
                          "token's logprob and top 5, from the split vocabulary (a few numbers per row and rank "
                          "all-gathered, never the logits); `+ prompt`: the 128 prompt tokens scored too, from the "
                          "prefill pass (TTFT). Goal: decode tok/s with logprobs >= 0.90 of off on `model:2`.", ""]

@@ -299,13 +299,14 @@ def main() -> int:
         sampler.join()
         after = [m for t, m in samples if t >= warmup] or [m for _, m in samples]
         base, peak, end = after[0], max(after), after[-1]
+        quarters = [after[min(len(after) - 1, len(after) * q // 4)] for q in (1, 2, 3)]
         stats = httpx.get(url + "/stats").json()
         n_fuzz, fuzz_failures = fuzz(url, args.fuzz_examples) if args.fuzz_examples else (0, [])
         health = httpx.get(url + "/health", timeout=10).status_code
         good = sum(soak.counts[k] for k in ("greedy", "stream", "sampled", "echo", "chat"))
         lat = sorted(soak.latency)
         result = dict(good=good, failed=soak.counts["failed"], counts=dict(soak.counts), wall=wall, base=base,
-                      peak=peak, end=end, growth=end - base, health=health, fuzz=n_fuzz,
+                      peak=peak, end=end, growth=end - base, quarters=quarters, health=health, fuzz=n_fuzz,
                       fuzz_failures=fuzz_failures, stats=stats, failures=soak.failures,
                       p50=lat[len(lat) // 2] if lat else float("nan"),
                       p99=lat[min(len(lat) - 1, int(0.99 * len(lat)))] if lat else float("nan"))
@@ -334,6 +335,8 @@ def main() -> int:
              f"| server RSS (all ranks) after {warmup:.0f} s warm-up -> peak -> end | {r['base']:.0f} -> "
              f"{r['peak']:.0f} -> {r['end']:.0f} MiB (growth {r['growth']:+.1f} MiB, bound "
              f"{args.max_rss_growth_mb:g}) |",
+             f"| server RSS at 1/4, 1/2, 3/4 of the soak after warm-up | "
+             f"{', '.join(f'{q:.0f}' for q in r['quarters'])} MiB |",
              f"| schemathesis fuzz of /openapi.json: responses, 5xx | {r['fuzz']}, {len(r['fuzz_failures'])} |",
              f"| /health at the end | {r['health']} |", "", f"Overall: **{'PASS' if ok else 'FAIL'}**", ""]
     if r["failures"] or r["fuzz_failures"]:

@@ -207,9 +207,9 @@ class Scheduler:
         with self._cv:
             abort = [i for i in self._cancelled if i in engine.seqs]
             self._cancelled -= set(abort)
-            for i in list(self._cancelled):            # cancelled before they started
-                if i not in self.jobs and not any(j.request.id == i for j in self._pending):
-                    self._cancelled.discard(i)
+            if self._cancelled:                        # cancelled before they started (or after they ended)
+                waiting = {j.request.id for j in self._pending}
+                self._cancelled -= {i for i in self._cancelled if i not in self.jobs and i not in waiting}
             free = self.max_batch * engine.replicas - engine.running
             while self._pending and len(add) < free:
                 job = self._pending.popleft()
