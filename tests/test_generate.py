@@ -1,7 +1,9 @@
 """Generation with the KV cache: greedy tokens equal `transformers.generate` on random-weight GPT-2 and Llama
 (grouped-query) folders on one rank, model:2 and batch:2,model:2; a batch of prompts of different lengths (and
 continuous batching) gives each prompt what it gets alone; seeded sampling is reproducible and the same on every
-mesh; stop sequences, EOS, max_seq_len; `meshtron generate` end to end.
+mesh; stop sequences, EOS, max_seq_len; `meshtron generate` end to end. Logprobs (generated tokens and prompts,
+with their top-k) equal transformers' log-softmax on every mesh, from split scores or gathered logits; n samples
+share one prefill; penalties equal transformers' logits processors; rank-0-only text failures change nothing.
 
 Weights are redrawn with std 0.2 as in test_hf_interop, so logits are O(1) and greedy choices are not near-ties.
 """

@@ -1,6 +1,8 @@
 """Hugging Face interoperability: random-weight GPT-2 and Llama (grouped-query) models built offline with
 `transformers` give the same logits and greedy tokens in meshtron on model:1, model:2 and batch:2,model:2
-(loaded shard by shard), and survive export back to `from_pretrained`; unsupported models fail by name.
+(loaded shard by shard), and survive export back to `from_pretrained`; unsupported models fail by name. Exported
+meshtron checkpoints (BPE and byte tokenizers) generate in transformers as in meshtron, end of text included; a
+BOS-adding tokenizer is followed; `meshtron eval --loglikelihood` equals transformers.
 
 Weights are redrawn with std 0.2 (norm weights 1 ± 0.2, biases too) so that every tensor, bias and norm
 matters and logits are O(1): a wrong mapping moves them by 1e-1 or more, float32 reordering by ~1e-6.

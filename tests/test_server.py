@@ -2,7 +2,9 @@
 word-level tokenizer) on a free 127.0.0.1 port, exercised over HTTP: non-streaming and streaming completions equal
 the library's greedy output on one rank, 32 concurrent clients are all answered correctly (batched, with a queue:
 --max-batch 8), bad requests get their 4xx in OpenAI's error shape while the server keeps serving, seeded sampling
-is reproducible, and SIGTERM stops every rank cleanly. The process group is killed on teardown whatever happens.
+is reproducible, and SIGTERM stops every rank cleanly. Logprobs (lm-eval's own loglikelihood request included),
+echo, n, best_of, penalties and chat logprobs over HTTP; nothing listens beyond loopback; a rank failure is fatal
+on every rank. The process group is killed on teardown whatever happens.
 """
 import importlib.util
 import json
