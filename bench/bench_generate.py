@@ -137,29 +137,46 @@ LOGPROB_MODES = {"off": {}, "logprobs 5": {"logprobs": 5}, "logprobs 5 + prompt"
 
 
 def _logprobs_worker(path, spec, case, new, repeats):
-    """meshtron's decode with and without logprobs, alternating, on this mesh: medians (TTFT, decode tok/s)."""
+    """meshtron's decode with and without logprobs on this mesh, interleaved step by step: one engine per mode on
+    the same model, each with the whole batch, stepped in turn, so a change in the machine's load hits all modes
+    alike. Returns per mode the medians of (prefill seconds, batch tokens per second of a decoding step)."""
+    from meshtron.inference import Engine, Request, SamplingParams
     from meshtron.interop import build_from_hf
     from meshtron.mesh import Mesh
     model = build_from_hf(path, Mesh.from_spec(spec)).eval()
     ids = prompts(*case)
-    rows = {m: [] for m in LOGPROB_MODES}
+    prefill = {m: [] for m in LOGPROB_MODES}
+    steps = {m: [] for m in LOGPROB_MODES}
     modes = list(LOGPROB_MODES)
     with Usage() as usage:
         for r in range(repeats + 1):                # repeat 0 warms up; the order rotates, repeat after repeat
-            for mode in modes[r % len(modes):] + modes[:r % len(modes)]:
-                got = time_meshtron(model, ids, new, **LOGPROB_MODES[mode])
+            order = modes[r % len(modes):] + modes[:r % len(modes)]
+            engines = {}
+            for mode in order:
+                engines[mode] = Engine(model)
+                reqs = [Request(b, p, SamplingParams(new, temperature=0, ignore_eos=True, **LOGPROB_MODES[mode]))
+                        for b, p in enumerate(ids)]
+                t0 = time.perf_counter()
+                engines[mode].add(reqs)
                 if r:
-                    rows[mode].append(got[:2])
-    med = {m: (statistics.median(x[0] for x in v), statistics.median(x[1] for x in v)) for m, v in rows.items()}
+                    prefill[mode].append(time.perf_counter() - t0)
+            while any(e.running for e in engines.values()):
+                for mode in order:
+                    t0 = time.perf_counter()
+                    events = engines[mode].step()
+                    if r:
+                        steps[mode].append(len(events) / (time.perf_counter() - t0))
+    med = {m: (statistics.median(prefill[m]), statistics.median(steps[m])) for m in modes}
     return med, usage.result()
 
 
-def logprobs_table(path, case, new, repeats, wait_idle) -> list[str]:
+def logprobs_table(path, case, new, repeats, wait_idle, meshes=("model:1", "model:2")) -> list[str]:
     """What logprobs cost: decode tok/s with logprobs off, on (top 5), and with the prompt's too, in one run."""
     from meshtron.launch import run_ranks
     lines = ["| mesh | batch x prompt | logprobs | TTFT ms | decode tok/s | decode vs off | other processes (cores) |",
              "|---|---|---|---|---|---|---|"]
-    for spec, world in (("model:1", 1), ("model:2", 2)):
+    for spec in meshes:
+        world = 1 if spec == "model:1" else 2
         wait_for_idle(wait_idle)
         per_rank = run_ranks(_logprobs_worker, world, path, spec, case, new, repeats,
                              threads_per_rank=max(1, CORES // world), timeout_s=3600)
@@ -342,6 +359,8 @@ def main():
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--shape", choices=list(SHAPES), default="6x512")
     ap.add_argument("--part", choices=["all", "decode", "server", "logprobs"], default="all")
+    ap.add_argument("--logprobs-meshes", default="model:1,model:2", help="meshes of --part logprobs (default "
+                    "model:1,model:2)")
     ap.add_argument("--repeats", type=int, default=None, help="timed repeats per measurement (default 5; 3 with "
                     "--quick)")
     ap.add_argument("--wait-idle", type=float, default=120, metavar="S",
@@ -373,11 +392,13 @@ def main():
                          ""]
         if args.part in ("all", "logprobs"):
             print("logprobs overhead", flush=True)
-            lines = logprobs_table(path, (8, 128), new, repeats, args.wait_idle)
+            lines = logprobs_table(path, (8, 128), new, repeats, args.wait_idle, args.logprobs_meshes.split(","))
             sections += ["## What logprobs cost", "", *lines, "",
-                         f"meshtron alone, greedy, {new} new tokens, batch 8 x 128-token prompts; each repeat runs the "
-                         f"three modes back to back, in an order that rotates (medians of {repeats} repeats after one "
-                         "warm-up). `logprobs 5`: each new "
+                         f"meshtron alone, greedy, {new} new tokens, batch 8 x 128-token prompts. One engine per mode on "
+                         "the same model, stepped in turn (a decoding step of each mode, then the next step of each), "
+                         "so the machine's load changes hit every mode alike; decode tok/s = the batch's tokens per "
+                         f"step over the median step time, TTFT = the median prefill, over {repeats} repeats after one "
+                         "warm-up. `logprobs 5`: each new "
                          "token's logprob and top 5, from the split vocabulary (a few numbers per row and rank "
                          "all-gathered, never the logits); `+ prompt`: the 128 prompt tokens scored too, from the "
                          "prefill pass (TTFT). Goal: decode tok/s with logprobs >= 0.90 of off on `model:2`.", ""]
@@ -399,7 +420,9 @@ def main():
     head = (f"# Generation and serving benchmark\n\nCommand: `.venv/bin/python bench/bench_generate.py"
             f"{' --quick' if q else ''}{'' if args.shape == '6x512' else ' --shape ' + args.shape}"
             f"{'' if args.part == 'all' else ' --part ' + args.part}"
-            f"{'' if not args.repeats else ' --repeats ' + str(args.repeats)}`\n\nModel: GPT-2 shape, {shape['n_layer']} "
+            f"{'' if not args.repeats else ' --repeats ' + str(args.repeats)}"
+            f"{'' if args.logprobs_meshes == 'model:1,model:2' else ' --logprobs-meshes ' + args.logprobs_meshes}"
+            f"`\n\nModel: GPT-2 shape, {shape['n_layer']} "
             f"layers, d={shape['n_embd']}, {shape['n_head']} heads, vocabulary 50257, random weights. torch "
             f"{torch.__version__}, transformers {transformers.__version__}, {CORES} cores, load average at start "
             f"{load0:.1f}, run took {time.time() - t_start:.0f} s.\n\n")

@@ -1,9 +1,9 @@
 """Scores over a vocabulary split across the ranks of an axis, without gathering the logits: log-softmax
 normaliser, the logit of a target or chosen id, the argmax and the top-k, for many rows at once.
 
-As Megatron's vocab-parallel cross-entropy does, each rank reduces its slice to a few numbers per row (its max and
-sum of exponentials, a target's logit if it holds it, its argmax, its top-k), and one all-gather over the axis
-combines them: about 6 + 2k numbers per row instead of V. Invariant: the results equal `log_softmax` of the full
+As Megatron's vocab-parallel cross-entropy does, each rank reduces its slice to a few numbers per row (its
+log-sum-exp, a target's logit if it holds it, its argmax, its top-k), and one all-gather over the axis combines
+them: about 5 + 2k numbers per row instead of V. Invariant: the results equal `log_softmax` of the full
 logits to float rounding and are identical on every rank of the axis; the argmax is the first maximum (the lowest
 id, as `torch.argmax`); top-k lists are in decreasing order, ties broken by the lower id. On a trivial axis (or on
 logits already gathered) the same code runs with no collective.
@@ -55,10 +55,8 @@ def pieces(raw: torch.Tensor, start: int, *, logz: bool = False, targets: torch.
     neg = torch.full((N,), float("-inf"), dtype=torch.float64, device=dev)
     cols: list[torch.Tensor] = []
     x = raw.float()
-    if logz:
-        m = x.max(dim=-1).values if V else neg.float()
-        s = (x - m[:, None]).exp().sum(dim=-1) if V else torch.zeros(N, device=dev)
-        cols += [m.double(), s.double()]
+    if logz:                                                   # this slice's log-sum-exp (-inf if empty)
+        cols.append(torch.logsumexp(x, dim=-1).double() if V else neg)
     if targets is not None:
         local = targets.to(dev) - start
         here = (local >= 0) & (local < V)
@@ -87,11 +85,8 @@ def combine(every: torch.Tensor, logz: bool, target: bool, choose: bool, k: int)
     """(ranks, N, C) per-rank pieces -> the full vocabulary's Scores (the same on every rank)."""
     c, out = 0, Scores(None, None, None, None, None, None)
     if logz:
-        m, s = every[..., c], every[..., c + 1]
-        c += 2
-        big = m.max(dim=0).values
-        safe = torch.where(torch.isfinite(big), big, torch.zeros_like(big))
-        out.logz = safe + (s * (m - safe).exp()).sum(dim=0).log()
+        out.logz = torch.logsumexp(every[..., c], dim=0)
+        c += 1
     if target:
         out.target = every[..., c].max(dim=0).values
         c += 1
