@@ -7,7 +7,7 @@ BASE = $(VENV)/.meshtron-base
 TEST = $(VENV)/.meshtron-test
 BENCH = $(VENV)/.meshtron-bench
 
-.PHONY: demo test test-faults bench clean
+.PHONY: demo test test-faults bench lm-eval soak clean
 
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
@@ -38,6 +38,13 @@ bench: $(BENCH)
 	$(VENV)/bin/python bench/bench_tp.py
 	$(VENV)/bin/python bench/bench_generate.py
 	$(VENV)/bin/python bench/bench_planner.py
+
+lm-eval: $(TEST)
+	$(VENV)/bin/python bench/lm_eval_serve.py
+
+soak: $(TEST)
+	$(PIP) install -q -c constraints.txt -e '.[soak]'
+	$(VENV)/bin/python bench/soak_server.py
 
 clean:
 	rm -rf $(VENV) runs

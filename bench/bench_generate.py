@@ -74,12 +74,12 @@ def time_hf(model, ids: list[list[int]], new: int):
     return first - t0, len(ids) * (new - 1) / (t_end - first), out[:, x.shape[1]:].tolist()
 
 
-def time_meshtron(model, ids: list[list[int]], new: int):
+def time_meshtron(model, ids: list[list[int]], new: int, **params):
     from meshtron.inference import Engine, Request, SamplingParams
     engine = Engine(model)
     stamps = []
     t0 = time.perf_counter()
-    done = engine.generate([Request(b, p, SamplingParams(new, temperature=0, ignore_eos=True))
+    done = engine.generate([Request(b, p, SamplingParams(new, temperature=0, ignore_eos=True, **params))
                             for b, p in enumerate(ids)], max_batch=len(ids),
                            on_event=lambda ev: stamps.append(time.perf_counter()) if not stamps else None)
     t_end = time.perf_counter()
@@ -132,6 +132,62 @@ def _tp_worker(path, spec, case, new, repeats):
 
 
 QUIET = 0.3          # cores other processes may use during a measurement before it is taken again
+
+LOGPROB_MODES = {"off": {}, "logprobs 5": {"logprobs": 5}, "logprobs 5 + prompt": {"logprobs": 5, "prompt_logprobs": 5}}
+
+
+def _logprobs_worker(path, spec, case, new, repeats):
+    """meshtron's decode with and without logprobs on this mesh, interleaved step by step: one engine per mode on
+    the same model, each with the whole batch, stepped in turn, so a change in the machine's load hits all modes
+    alike. Returns per mode the medians of (prefill seconds, batch tokens per second of a decoding step)."""
+    from meshtron.inference import Engine, Request, SamplingParams
+    from meshtron.interop import build_from_hf
+    from meshtron.mesh import Mesh
+    model = build_from_hf(path, Mesh.from_spec(spec)).eval()
+    ids = prompts(*case)
+    prefill = {m: [] for m in LOGPROB_MODES}
+    steps = {m: [] for m in LOGPROB_MODES}
+    modes = list(LOGPROB_MODES)
+    with Usage() as usage:
+        for r in range(repeats + 1):                # repeat 0 warms up; the order rotates, repeat after repeat
+            order = modes[r % len(modes):] + modes[:r % len(modes)]
+            engines = {}
+            for mode in order:
+                engines[mode] = Engine(model)
+                reqs = [Request(b, p, SamplingParams(new, temperature=0, ignore_eos=True, **LOGPROB_MODES[mode]))
+                        for b, p in enumerate(ids)]
+                t0 = time.perf_counter()
+                engines[mode].add(reqs)
+                if r:
+                    prefill[mode].append(time.perf_counter() - t0)
+            while any(e.running for e in engines.values()):
+                for mode in order:
+                    t0 = time.perf_counter()
+                    events = engines[mode].step()
+                    if r:
+                        steps[mode].append(len(events) / (time.perf_counter() - t0))
+    med = {m: (statistics.median(prefill[m]), statistics.median(steps[m])) for m in modes}
+    return med, usage.result()
+
+
+def logprobs_table(path, case, new, repeats, wait_idle, meshes=("model:1", "model:2")) -> list[str]:
+    """What logprobs cost: decode tok/s with logprobs off, on (top 5), and with the prompt's too, in one run."""
+    from meshtron.launch import run_ranks
+    lines = ["| mesh | batch x prompt | logprobs | TTFT ms | decode tok/s | decode vs off | other processes (cores) |",
+             "|---|---|---|---|---|---|---|"]
+    for spec in meshes:
+        world = 1 if spec == "model:1" else 2
+        wait_for_idle(wait_idle)
+        per_rank = run_ranks(_logprobs_worker, world, path, spec, case, new, repeats,
+                             threads_per_rank=max(1, CORES // world), timeout_s=3600)
+        med, _ = per_rank[0]
+        others = others_cores([r[1] for r in per_rank])
+        for mode in LOGPROB_MODES:
+            ttft, tok_s = med[mode]
+            lines.append(f"| `{spec}` | {case[0]} x {case[1]} | {mode} | {ttft * 1e3:.1f} | {tok_s:.1f} | "
+                         f"**{tok_s / med['off'][1]:.3f}** | {others:.2f} |")
+            print(lines[-1], flush=True)
+    return lines
 
 
 def decode_table(path, cases, new, repeats, wait_idle, attempts=3) -> list[str]:
@@ -302,7 +358,11 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--shape", choices=list(SHAPES), default="6x512")
-    ap.add_argument("--part", choices=["all", "decode", "server"], default="all")
+    ap.add_argument("--part", choices=["all", "decode", "server", "logprobs"], default="all")
+    ap.add_argument("--logprobs-meshes", default="model:1,model:2", help="meshes of --part logprobs (default "
+                    "model:1,model:2)")
+    ap.add_argument("--repeats", type=int, default=None, help="timed repeats per measurement (default 5; 3 with "
+                    "--quick)")
     ap.add_argument("--wait-idle", type=float, default=120, metavar="S",
                     help="before each measurement, wait up to S seconds for other processes to leave the cores "
                          "idle (default 120; 0: do not wait)")
@@ -311,6 +371,7 @@ def main():
     args = ap.parse_args()
     q = args.quick
     new, repeats = (64, 3) if q else (128, 5)
+    repeats = args.repeats or repeats
     cases = [(1, 128), (8, 128)]
     load0, t_start = os.getloadavg()[0], time.time()
     tmp = tempfile.mkdtemp(prefix="meshtron-bench-gen-")
@@ -329,6 +390,18 @@ def main():
                          f"measurement (other jobs on these {CORES} cores slow both sides and scatter the timings); "
                          f"above {QUIET} the measurement is taken again (at most 3 times, the quietest kept).",
                          ""]
+        if args.part in ("all", "logprobs"):
+            print("logprobs overhead", flush=True)
+            lines = logprobs_table(path, (8, 128), new, repeats, args.wait_idle, args.logprobs_meshes.split(","))
+            sections += ["## What logprobs cost", "", *lines, "",
+                         f"meshtron alone, greedy, {new} new tokens, batch 8 x 128-token prompts. One engine per mode on "
+                         "the same model, stepped in turn (a decoding step of each mode, then the next step of each), "
+                         "so the machine's load changes hit every mode alike; decode tok/s = the batch's tokens per "
+                         f"step over the median step time, TTFT = the median prefill, over {repeats} repeats after one "
+                         "warm-up. `logprobs 5`: each new "
+                         "token's logprob and top 5, from the split vocabulary (a few numbers per row and rank "
+                         "all-gathered, never the logits); `+ prompt`: the 128 prompt tokens scored too, from the "
+                         "prefill pass (TTFT). Goal: decode tok/s with logprobs >= 0.90 of off on `model:2`.", ""]
         if args.part in ("all", "server"):
             print("server throughput", flush=True)
             lines = server_table(path, ["model:1", "model:2"], [1, 8, 32], 64, q, args.wait_idle)
@@ -346,7 +419,10 @@ def main():
     shape = SHAPES[args.shape]
     head = (f"# Generation and serving benchmark\n\nCommand: `.venv/bin/python bench/bench_generate.py"
             f"{' --quick' if q else ''}{'' if args.shape == '6x512' else ' --shape ' + args.shape}"
-            f"{'' if args.part == 'all' else ' --part ' + args.part}`\n\nModel: GPT-2 shape, {shape['n_layer']} "
+            f"{'' if args.part == 'all' else ' --part ' + args.part}"
+            f"{'' if not args.repeats else ' --repeats ' + str(args.repeats)}"
+            f"{'' if args.logprobs_meshes == 'model:1,model:2' else ' --logprobs-meshes ' + args.logprobs_meshes}"
+            f"`\n\nModel: GPT-2 shape, {shape['n_layer']} "
             f"layers, d={shape['n_embd']}, {shape['n_head']} heads, vocabulary 50257, random weights. torch "
             f"{torch.__version__}, transformers {transformers.__version__}, {CORES} cores, load average at start "
             f"{load0:.1f}, run took {time.time() - t_start:.0f} s.\n\n")

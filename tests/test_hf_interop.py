@@ -1,6 +1,8 @@
 """Hugging Face interoperability: random-weight GPT-2 and Llama (grouped-query) models built offline with
 `transformers` give the same logits and greedy tokens in meshtron on model:1, model:2 and batch:2,model:2
-(loaded shard by shard), and survive export back to `from_pretrained`; unsupported models fail by name.
+(loaded shard by shard), and survive export back to `from_pretrained`; unsupported models fail by name. Exported
+meshtron checkpoints (BPE and byte tokenizers) generate in transformers as in meshtron, end of text included; a
+BOS-adding tokenizer is followed; `meshtron eval --loglikelihood` equals transformers.
 
 Weights are redrawn with std 0.2 (norm weights 1 ± 0.2, biases too) so that every tensor, bias and norm
 matters and logits are O(1): a wrong mapping moves them by 1e-1 or more, float32 reordering by ~1e-6.
@@ -232,3 +234,150 @@ def test_mistral_without_window_loads_as_llama(tmp_path):
     model.save_pretrained(str(tmp_path))
     with torch.no_grad():
         _close(build_from_hf(str(tmp_path), Mesh.from_spec("model:1")).eval().logits(IDX), model(IDX).logits)
+
+
+# ---- exported folders in transformers, end-of-text and BOS included -------------------------------------------
+
+def _tokenizer(kind):
+    from meshtron.data.tokenizer import ByteTokenizer, train_bpe
+    if kind == "byte":
+        return ByteTokenizer()
+    from pydoc_data.topics import topics
+    return train_bpe(list(topics.values())[:200], 600)
+
+
+def _meshtron_greedy(model, tok, eos, prompt_ids, n=20):
+    from meshtron.inference import Engine, Request, SamplingParams
+    [done] = Engine(model, tok, eos).generate([Request(0, prompt_ids, SamplingParams(n, temperature=0))])
+    return done
+
+
+@pytest.mark.parametrize("family,kind", [("gpt", "bpe"), ("gpt", "byte"), ("llama", "bpe"), ("llama", "byte")])
+def test_exported_folder_generates_in_transformers_as_meshtron(tmp_path, family, kind):
+    """A meshtron checkpoint (BPE or byte tokenizer) exported with `meshtron export`: transformers' AutoTokenizer
+    encodes the prompt as meshtron does, and its default greedy generation (generation_config.json) gives meshtron's
+    tokens and text, stopping at the same end-of-text; meshtron reads the exported folder back (eval too); files are
+    not private (0600)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from meshtron.cli import main
+    from meshtron.load import open_model, save_converted
+    from meshtron.models import get_preset
+    tok = _tokenizer(kind)
+    cfg = get_preset(f"{family}-tiny").replace(vocab_size=tok.vocab_size)
+    mesh = Mesh.from_spec("model:1")
+    model = build_model(cfg, mesh, seed=1).eval()
+    _randomize(model, 1)
+    prompt = "The meaning of"
+    ids = tok.encode_prompt(prompt)
+    eot = tok.eot_id
+    free = _meshtron_greedy(model, tok, [], ids)                        # without an end-of-text in sight ...
+    j = next(j for j, t in enumerate(free.token_ids) if j >= 3 and t not in ids and t != eot
+             and t not in free.token_ids[:j])
+    t = free.token_ids[j]
+    with torch.no_grad():                                                # ... relabel token t as end-of-text
+        for w in [p for n, p in model.named_parameters() if n in ("wte.weight", "embed.weight", "head.weight")]:
+            w[[t, eot]] = w[[eot, t]]
+    want = _meshtron_greedy(model, tok, [eot], ids)
+    assert want.finish_reason == "stop" and want.token_ids == free.token_ids[:j] + [eot]
+    save_converted(model, mesh, str(tmp_path / "run"), tok)
+    out = str(tmp_path / "hf")
+    assert main(["export", str(tmp_path / "run"), out]) == 0
+    umask = os.umask(0)
+    os.umask(umask)
+    for name in ("model.safetensors", "config.json", "generation_config.json", "tokenizer.json",
+                 "tokenizer_config.json"):
+        assert os.stat(os.path.join(out, name)).st_mode & 0o777 == 0o666 & ~umask, name
+    hf_tok = AutoTokenizer.from_pretrained(out)
+    hf_model = AutoModelForCausalLM.from_pretrained(out).eval()
+    assert hf_tok(prompt)["input_ids"] == ids
+    assert hf_tok("héllo wörld <|endoftext|>")["input_ids"] == tok.encode_prompt("héllo wörld <|endoftext|>")
+    x = torch.tensor([ids])
+    with torch.no_grad():
+        got = hf_model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=20)[0, len(ids):].tolist()
+    assert got == want.token_ids                                         # stopped at the same end-of-text
+    assert hf_tok.decode(got, skip_special_tokens=True) == want.text
+    back, back_tok, src = open_model(out, mesh)                          # meshtron reads the export back
+    from meshtron.inference import model_eos_ids
+    assert type(back_tok) is type(tok) and model_eos_ids(src, back_tok) == {eot}
+    assert _meshtron_greedy(back, back_tok, model_eos_ids(src, back_tok), ids).token_ids == want.token_ids
+    (tmp_path / "text.txt").write_text("The meaning of life is a question. " * 40)
+    assert main(["eval", out, "--data", str(tmp_path / "text.txt"), "--seq-len", "32", "--batch-size", "2",
+                 "--max-batches", "1"]) == 0
+
+
+@pytest.mark.parametrize("how", ["post_processor", "add_bos_token"])
+def test_a_bos_adding_llama_tokenizer_is_followed(hf, tmp_path, how, capsys):
+    """A Llama folder whose tokenizer adds <s> (in tokenizer.json's post-processor, or by tokenizer_config.json's
+    add_bos_token): meshtron encodes prompts as transformers' tok(prompt) does, so `meshtron generate` prints
+    transformers' greedy text."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
+
+    from meshtron.data import load_tokenizer
+    path = tmp_path / "llama"
+    shutil.copytree(hf["llama-untied"][0], path)
+    vocab = {f"w{i}": i for i in range(VOCAB - 3)} | {"<unk>": VOCAB - 3, "<s>": VOCAB - 2, "</s>": VOCAB - 1}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    kw = {}
+    if how == "post_processor":
+        tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", VOCAB - 2)])
+    else:
+        kw = {"add_bos_token": True}
+    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>",
+                            **kw).save_pretrained(str(path))
+    prompt = "w5 w17 w3"
+    hf_tok = AutoTokenizer.from_pretrained(str(path))
+    ids = hf_tok(prompt)["input_ids"]
+    assert ids[0] == VOCAB - 2
+    assert load_tokenizer(str(path)).encode_prompt(prompt) == ids
+    model = AutoModelForCausalLM.from_pretrained(str(path)).eval()
+    model.generation_config.eos_token_id = None
+    x = torch.tensor([ids])
+    with torch.no_grad():
+        new = model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=8, do_sample=False,
+                             pad_token_id=0)[0, len(ids):].tolist()
+    from meshtron.cli import main
+    assert main(["generate", str(path), "--prompt", prompt, "--temperature", "0", "--max-new-tokens", "8",
+                 "--ignore-eos"]) == 0
+    mine = load_tokenizer(str(path))
+    assert capsys.readouterr().out == mine.decode(ids + new)[len(mine.decode(ids)):] + "\n"    # text in context
+    without_bos = AutoModelForCausalLM.from_pretrained(str(path)).eval()
+    with torch.no_grad():
+        other = without_bos.generate(x[:, 1:], attention_mask=torch.ones_like(x[:, 1:]), max_new_tokens=8,
+                                     do_sample=False, pad_token_id=0)[0, len(ids) - 1:].tolist()
+    assert other != new                                                 # the BOS matters to the text
+
+
+def test_eval_loglikelihood_equals_transformers(hf, tmp_path, capsys):
+    """`meshtron eval --loglikelihood` (lm-eval's loglikelihood request, on model:2: split vocabulary, full forward)
+    gives transformers' sum of continuation log-softmax values to 1e-4, and its greedy flags."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
+
+    from meshtron.cli import main
+    path = tmp_path / "m"
+    shutil.copytree(hf["gpt2-tied"][0], path)
+    vocab = {f"w{i}": i for i in range(VOCAB - 2)} | {"<unk>": VOCAB - 2, "<|endoftext|>": VOCAB - 1}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", eos_token="<|endoftext|>").save_pretrained(path)
+    g = torch.Generator().manual_seed(2)
+    words = lambda n: " ".join(f"w{i}" for i in torch.randint(0, VOCAB - 2, (n,), generator=g).tolist())  # noqa: E731
+    items = [{"context": words(3 + i % 4), "continuation": " " + words(1 + i % 3)} for i in range(6)]
+    items.append({"context": "", "continuation": words(4)})              # empty context: end-of-text first
+    (tmp_path / "items.jsonl").write_text("".join(json.dumps(it) + "\n" for it in items))
+    assert main(["eval", str(path), "--loglikelihood", str(tmp_path / "items.jsonl"), "--mesh", "model:2",
+                 "--batch-size", "3"]) == 0
+    got = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    model = AutoModelForCausalLM.from_pretrained(str(path)).eval()
+    ids = lambda s: [int(w[1:]) for w in s.split()]                                            # noqa: E731
+    for it, row in zip(items, got, strict=True):
+        ctx, cont = ids(it["context"]) or [VOCAB - 1], ids(it["continuation"])
+        with torch.no_grad():
+            lp = torch.log_softmax(model(torch.tensor([ctx + cont])).logits[0, :-1].double(), -1)
+        rows = lp[len(ctx) - 1:]
+        want = sum(rows[j, t].item() for j, t in enumerate(cont))
+        assert abs(row["loglikelihood"] - want) < 1e-4 and row["tokens"] == len(cont)
+        assert row["is_greedy"] == all(int(rows[j].argmax()) == t for j, t in enumerate(cont))

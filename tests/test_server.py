@@ -2,7 +2,9 @@
 word-level tokenizer) on a free 127.0.0.1 port, exercised over HTTP: non-streaming and streaming completions equal
 the library's greedy output on one rank, 32 concurrent clients are all answered correctly (batched, with a queue:
 --max-batch 8), bad requests get their 4xx in OpenAI's error shape while the server keeps serving, seeded sampling
-is reproducible, and SIGTERM stops every rank cleanly. The process group is killed on teardown whatever happens.
+is reproducible, and SIGTERM stops every rank cleanly. Logprobs (lm-eval's own loglikelihood request included),
+echo, n, best_of, penalties and chat logprobs over HTTP; nothing listens beyond loopback; a rank failure is fatal
+on every rank. The process group is killed on teardown whatever happens.
 """
 import importlib.util
 import json
@@ -210,7 +212,16 @@ def test_stop_sequences(server, expected):
     ({"prompt": " ".join(["w1"] * 33)}, KEY, 400, "context_length_exceeded"),
     ({"prompt": "w1", "max_tokens": 41}, KEY, 400, None),
     ({"prompt": "w1", "temperature": -1}, KEY, 400, None),
-    ({"prompt": "w1", "n": 2}, KEY, 400, "unsupported_parameter"),
+    ({"prompt": "w1", "suffix": "w2"}, KEY, 400, "unsupported_parameter"),
+    ({"prompt": "w1", "tools": [{"type": "function", "function": {"name": "f"}}]}, KEY, 400, "unsupported_parameter"),
+    ({"prompt": "w1", "response_format": {"type": "json_object"}}, KEY, 400, "unsupported_parameter"),
+    (b'{"prompt": "w1 \\ud800"}', KEY, 400, "invalid_json"),             # a lone surrogate
+    (b'{"prompt": ' + b"[" * 1500 + b"]" * 1500 + b"}", KEY, 400, "invalid_json"),   # nested too deeply
+    ({"prompt": "w1", "logit_bias": {"w1": 2}}, KEY, 400, None),
+    ({"prompt": "w1", "max_tokens": 0}, KEY, 400, None),                    # 0 only with echo
+    ({"prompt": "w1", "n": 2, "best_of": 1}, KEY, 400, None),
+    ({"prompt": "w1", "best_of": 3, "stream": True}, KEY, 400, None),
+    ({"prompt": "w1", "logprobs": 21}, KEY, 400, None),
     ({"prompt": "w1", "model": "gpt-4"}, KEY, 404, "model_not_found"),
     ({"prompt": "w1 " * 2000}, KEY, 413, "request_too_large"),
     ({"prompt": "w1"}, "sk-wrong", 401, "invalid_api_key"),
@@ -299,7 +310,10 @@ def test_chat_completions(server):
     ({"messages": []}, "missing_messages"),
     ({"messages": [{"role": "wizard", "content": "w1"}]}, None),
     ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": "x"}]}]}, None),
-    ({"messages": [{"role": "user", "content": "w1"}], "n": 2}, "unsupported_parameter"),
+    ({"messages": [{"role": "user", "content": "w1"}], "tools": [{"type": "function"}]}, "unsupported_parameter"),
+    ({"messages": [{"role": "user", "content": "w1"}], "response_format": {"type": "json_object"}},
+     "unsupported_parameter"),
+    ({"messages": [{"role": "user", "content": "w1"}], "top_logprobs": 2}, None),   # needs logprobs: true
 ])
 def test_bad_chat_requests_get_400(server, body, code):
     r = httpx.post(server[0] + "/v1/chat/completions", json=body, headers={"Authorization": f"Bearer {KEY}"},
@@ -323,6 +337,198 @@ def test_a_broken_chat_template_fails_before_any_rank_starts(server, tmp_path):
         r = subprocess.run([sys.executable, "-c", SERVE, server[2], "--chat-template", template, "--port",
                             str(free_port())], capture_output=True, text=True, timeout=120)
         assert r.returncode == 2 and words in r.stderr, r.stderr
+
+
+def _hf_logprobs(path, ids):
+    """transformers' log-softmax over `ids` with the served folder's model: row t scores token t + 1."""
+    import transformers
+    model = transformers.AutoModelForCausalLM.from_pretrained(path).eval()
+    with torch.no_grad():
+        return torch.log_softmax(model(torch.tensor([ids])).logits[0].double(), dim=-1)
+
+
+def _ids(i: int) -> list[int]:
+    return [(5 * i + 7 * j) % 90 for j in range(3 + i % 5)]
+
+
+def test_lm_eval_loglikelihood_request(server):
+    """What lm-eval's local-completions sends for loglikelihood tasks: token-id prompts, echo, logprobs 1,
+    max_tokens 1, temperature 0; read back as lm-eval does (token_logprobs[ctxlen:-1], greedy if each equals the
+    top). The logprobs equal transformers' to 1e-4, and max_tokens 0 scores the prompt alone."""
+    url, _, path = server
+    prompts = [_ids(i) for i in range(4)]
+    r = _post(url, {"prompt": prompts, "echo": True, "logprobs": 1, "max_tokens": 1, "temperature": 0, "seed": 1234})
+    assert r.status_code == 200, r.text
+    choices = sorted(r.json()["choices"], key=lambda c: c["index"])
+    assert len(choices) == 4
+    for ids, c in zip(prompts, choices):
+        lp = c["logprobs"]
+        assert len(lp["tokens"]) == len(lp["token_logprobs"]) == len(lp["text_offset"]) == len(ids) + 1
+        assert lp["token_logprobs"][0] is None and lp["top_logprobs"][0] is None
+        for piece, at in zip(lp["tokens"], lp["text_offset"]):
+            assert c["text"][at:at + len(piece)] == piece
+        ref = _hf_logprobs(path, ids)
+        want = [ref[t - 1, ids[t]].item() for t in range(1, len(ids))]
+        assert max(abs(a - b) for a, b in zip(lp["token_logprobs"][1:-1], want)) < 1e-4
+        ctxlen = 1                                                      # lm-eval's parse_logprobs
+        tail, tops = lp["token_logprobs"][ctxlen:-1], lp["top_logprobs"][ctxlen:-1]
+        greedy = all(t == max(top.values()) for t, top in zip(tail, tops))
+        assert greedy == all(ids[t] == int(ref[t - 1].argmax()) for t in range(1, len(ids)))
+        assert lp["token_logprobs"][-1] == max(lp["top_logprobs"][-1].values())   # the greedy new token
+        assert abs(lp["token_logprobs"][-1] - ref[-1].max().item()) < 1e-4
+    only = _post(url, {"prompt": prompts[2], "echo": True, "logprobs": 3, "max_tokens": 0}).json()["choices"][0]
+    assert only["finish_reason"] == "length" and len(only["logprobs"]["tokens"]) == len(prompts[2])
+    assert only["logprobs"]["token_logprobs"][1:] == pytest.approx(choices[2]["logprobs"]["token_logprobs"][1:-1],
+                                                                   abs=1e-5)          # alone vs padded in a batch
+    ref = _hf_logprobs(path, prompts[2])
+    for t, top in enumerate(only["logprobs"]["top_logprobs"][1:], start=1):
+        assert sorted(top.values(), reverse=True)[:3] == pytest.approx(ref[t - 1].topk(3).values.tolist(), abs=1e-4)
+
+
+def test_completion_logprobs_streamed_equal_non_streamed(server):
+    url = server[0]
+    body = {"prompt": _prompt(4), "max_tokens": 8, "temperature": 0, "logprobs": 2, "echo": True}
+    whole = _post(url, body).json()["choices"][0]
+    text, lp = "", {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+    with httpx.stream("POST", url + "/v1/completions", json=body | {"stream": True},
+                      headers={"Authorization": f"Bearer {KEY}"}, timeout=60) as r:
+        for line in r.iter_lines():
+            if line.startswith("data: {"):
+                c = json.loads(line[6:])["choices"][0]
+                text += c["text"]
+                for k in lp:
+                    lp[k] += (c["logprobs"] or {}).get(k, [])
+    assert text == whole["text"] and lp == whole["logprobs"]
+
+
+def test_n_and_best_of(server):
+    """n seeded samples differ and each is the n = 1 answer with seed + j; best_of returns the likeliest."""
+    url = server[0]
+    body = {"prompt": _prompt(6), "max_tokens": 10, "temperature": 1.0, "seed": 40}
+    r = _post(url, body | {"n": 3}).json()
+    texts = [c["text"] for c in sorted(r["choices"], key=lambda c: c["index"])]
+    assert len(set(texts)) == 3 and r["usage"]["completion_tokens"] == sum(
+        len(c["text"].split()) for c in r["choices"]) and r["usage"]["prompt_tokens"] == len(_prompt(6).split())
+    alone = [_post(url, body | {"seed": 40 + j, "logprobs": 0}).json()["choices"][0] for j in range(3)]
+    assert [a["text"] for a in alone] == texts
+    means = [sum(a["logprobs"]["token_logprobs"]) / len(a["logprobs"]["token_logprobs"]) for a in alone]
+    best = _post(url, body | {"best_of": 3}).json()["choices"]
+    assert [c["text"] for c in best] == [texts[max(range(3), key=means.__getitem__)]]
+
+
+def test_penalties_over_http_equal_the_library(server):
+    from meshtron.inference import Engine, Request, SamplingParams, model_eos_ids
+    from meshtron.load import open_model
+    from meshtron.mesh import Mesh
+    url, _, path = server
+    model, tok, src = open_model(path, Mesh.from_spec("model:1"))
+    ids = tok.encode(_prompt(8))
+    params = SamplingParams(12, temperature=0, repetition_penalty=1.5, presence_penalty=0.5, frequency_penalty=0.3,
+                            logit_bias={5: 4.0}, min_tokens=12)
+    [want] = Engine(model, tok, model_eos_ids(src, tok)).generate([Request(0, ids, params)])
+    plain = _post(url, {"prompt": _prompt(8), "max_tokens": 12, "temperature": 0}).json()["choices"][0]["text"]
+    r = _post(url, {"prompt": _prompt(8), "max_tokens": 12, "temperature": 0, "repetition_penalty": 1.5,
+                    "presence_penalty": 0.5, "frequency_penalty": 0.3, "logit_bias": {"5": 4.0}, "min_tokens": 12})
+    assert r.status_code == 200, r.text
+    assert r.json()["choices"][0]["text"] == want.text != plain
+
+
+def test_chat_logprobs_and_n(server):
+    url, _, path = server
+    messages = [{"role": "user", "content": _prompt(3)}]
+    headers = {"Authorization": f"Bearer {KEY}"}
+    r = httpx.post(url + "/v1/chat/completions", json={"messages": messages, "max_tokens": 6, "temperature": 0,
+                                                       "logprobs": False}, headers=headers, timeout=60)
+    assert r.status_code == 200 and r.json()["choices"][0]["logprobs"] is None       # OpenAI's default, accepted
+    r = httpx.post(url + "/v1/chat/completions", json={"messages": messages, "max_tokens": 6, "temperature": 0,
+                                                       "logprobs": True, "top_logprobs": 2, "n": 2},
+                   headers=headers, timeout=60).json()
+    want, ids = _chat_expected(path, messages, 6)
+    ref = _hf_logprobs(path, ids + want.token_ids)
+    assert [c["index"] for c in r["choices"]] == [0, 1]
+    for c in r["choices"]:                                                  # greedy: both the same
+        content = c["logprobs"]["content"]
+        assert c["message"]["content"] == want.text and len(content) == len(want.token_ids)
+        for j, (entry, tok) in enumerate(zip(content, want.token_ids)):
+            assert abs(entry["logprob"] - ref[len(ids) - 1 + j, tok].item()) < 1e-4
+            assert len(entry["top_logprobs"]) == 2 and entry["top_logprobs"][0]["logprob"] == entry["logprob"]
+            assert entry["bytes"] == list(entry["token"].encode())
+
+
+def _listening(pid: int) -> list[str]:
+    """Addresses on which the process tree of `pid` listens for TCP connections (from /proc)."""
+    pids, todo = set(), [pid]
+    while todo:
+        p = todo.pop()
+        pids.add(p)
+        for task in os.listdir(f"/proc/{p}/task"):
+            with open(f"/proc/{p}/task/{task}/children") as f:
+                todo += [int(c) for c in f.read().split()]
+    inodes = set()
+    for p in pids:
+        for fd in os.listdir(f"/proc/{p}/fd"):
+            try:
+                target = os.readlink(f"/proc/{p}/fd/{fd}")
+            except OSError:
+                continue
+            if target.startswith("socket:["):
+                inodes.add(target[8:-1])
+    out = []
+    for table, width in (("/proc/net/tcp", 8), ("/proc/net/tcp6", 32)):
+        with open(table) as f:
+            for line in f.readlines()[1:]:
+                cols = line.split()
+                if cols[3] == "0A" and cols[9] in inodes:                   # LISTEN
+                    addr = cols[1].split(":")[0]
+                    out.append("127.0.0.1" if addr == "0100007F" else
+                               "::1" if addr == "0" * 24 + "01000000" else addr)
+    return out
+
+
+def test_nothing_listens_beyond_loopback(server):
+    """The ranks' TCPStore (and gloo) are bound to the master address, 127.0.0.1, like the HTTP port."""
+    addrs = _listening(server[1].pid)
+    assert addrs and set(addrs) <= {"127.0.0.1", "::1"}, addrs
+
+
+def test_an_empty_api_key_is_refused(server):
+    r = subprocess.run([sys.executable, "-c", SERVE, server[2], "--api-key", "", "--port", str(free_port())],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "--api-key is empty" in r.stderr, r.stderr
+
+
+def test_a_rank_failure_is_fatal_on_every_rank(server):
+    """A rank whose engine fails mid-request (injected at its 8th iteration) exits; rank 0 fails the request,
+    answers /health 503 (or is gone), and the whole server exits 1 within seconds, not after a collective
+    timeout. --log-requests printed the access line of the request before."""
+    path = server[2]
+    os.environ["MESHTRON_SERVE_FAULT"] = "rank=1:iteration=8"
+    try:
+        url, proc, log = _start(path, "model:2", "--log-requests")
+    finally:
+        del os.environ["MESHTRON_SERVE_FAULT"]
+    try:
+        ok = httpx.post(url + "/v1/completions", json={"prompt": "w1", "max_tokens": 2, "temperature": 0}, timeout=30)
+        assert ok.status_code == 200
+        t0 = time.monotonic()
+        try:
+            r = httpx.post(url + "/v1/completions", json={"prompt": "w2", "max_tokens": 30, "temperature": 0},
+                           timeout=30)
+            assert r.status_code >= 500, r.text
+        except httpx.HTTPError:
+            pass                                                             # or the connection closed
+        try:
+            assert httpx.get(url + "/health", timeout=5).status_code == 503
+        except httpx.HTTPError:
+            pass
+        assert proc.wait(30) == 1
+        assert time.monotonic() - t0 < 30
+        log.seek(0)
+        text = log.read()
+        assert '"POST /v1/completions HTTP/1.1" 200' in text and "injected fault on rank 1" in text, text
+    finally:
+        _kill_group(proc)
+        log.close()
 
 
 def test_sigterm_stops_every_rank(server):   # last: it stops the module's server

@@ -27,12 +27,8 @@ def run(args) -> int:
     except (ValueError, OSError) as e:
         print(f"meshtron export: error: {e}", file=sys.stderr)
         return 2
-    tok_dir = None
-    if src.tokenizer_dir and os.path.exists(os.path.join(src.tokenizer_dir, "tokenizer.json")):
-        tok_dir = src.tokenizer_dir
-    export_hf(src.config, full_state_dict(model, mesh), args.hf_dir, tokenizer_dir=tok_dir)
-    print(f"meshtron export: {src.path} -> {args.hf_dir}"
-          + ("" if tok_dir else " (the byte tokenizer has no Hugging Face form; no tokenizer written)"))
+    export_hf(src.config, full_state_dict(model, mesh), args.hf_dir, tokenizer_dir=src.tokenizer_dir, tokenizer=tok)
+    print(f"meshtron export: {src.path} -> {args.hf_dir}" + ("" if tok else " (the checkpoint holds no tokenizer)"))
     return 0
 
 

@@ -73,7 +73,7 @@ def run(args) -> int:
         prompts = args.prompt or []
         if not prompts:
             raise ValueError("give at least one --prompt")
-        ids = [tok.encode(p) or [tok.eot_id] for p in prompts]
+        ids = [tok.encode_prompt(p) or [tok.eot_id] for p in prompts]      # as transformers' tok(prompt)
         ctx = src.config.max_seq_len
         for p, i in zip(prompts, ids):
             if len(i) >= ctx:

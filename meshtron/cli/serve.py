@@ -57,6 +57,9 @@ def run(args) -> int:
                 raise ValueError(f"{flag} must be at least 1")
         if not 0 < args.port < 65536:
             raise ValueError(f"--port {args.port} is not a TCP port")
+        if args.api_key is not None and not args.api_key.strip():
+            raise ValueError("--api-key is empty (an unset $VARIABLE?): a server with an empty key would refuse every "
+                             "request; give the key, or leave --api-key out to serve without one")
         _check_chat_template(args.path, args.chat_template)
         launched = under_launcher()
         if not launched or _rank() == 0:

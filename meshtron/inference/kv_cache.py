@@ -54,11 +54,10 @@ class KVCache:
 
     @classmethod
     def like(cls, model, batch: int, capacity: int) -> "KVCache":
-        """An empty cache for `model`'s local attention heads on this rank."""
+        """An empty cache for `model`'s local attention heads on this rank, on the model's device."""
         attn = model.blocks[0].attn
         dtype = attn.k_proj.weight.dtype
-        return cls(len(model.blocks), batch, attn.n_kv_local, attn.head_dim, capacity, dtype,
-                   attn.k_proj.weight.device)
+        return cls(len(model.blocks), batch, attn.n_kv_local, attn.head_dim, capacity, dtype, model.mesh.device)
 
     @property
     def batch(self) -> int:

@@ -1,4 +1,5 @@
-"""Choosing the next token from full logits: greedy, or temperature, top-k and top-p (nucleus) sampling.
+"""What a sequence asks for (`SamplingParams`), and choosing its next token from full logits: greedy, or
+temperature, top-k and top-p (nucleus) sampling. The logits processors (penalties, bias) are `penalties`.
 
 Invariant: each sequence draws from its own generator, seeded by its request and advanced by exactly one
 uniform per step, so a sequence's tokens do not depend on which other sequences share its batch; the draw is
@@ -21,6 +22,15 @@ class SamplingParams:
     seed: int | None = None           # None: 0 (the server draws one per request)
     stop: tuple[str, ...] = field(default_factory=tuple)   # strings that end the text (trimmed from it)
     ignore_eos: bool = False
+    logprobs: int | None = None       # None: none; k >= 0: each new token's logprob and the k most likely
+    prompt_logprobs: int | None = None   # likewise for the prompt's tokens (from the prefill pass)
+    presence_penalty: float = 0.0     # OpenAI's, over the generated tokens
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0   # transformers' (and vLLM's), over prompt and generated tokens; 1: off
+    logit_bias: dict[int, float] | None = None   # token id -> added to its logit
+    min_tokens: int = 0               # end-of-sequence ids are masked until this many tokens exist
+
+    MAX_LOGPROBS = 20
 
     def __post_init__(self):
         if isinstance(self.stop, str):
@@ -29,8 +39,8 @@ class SamplingParams:
 
     def check(self) -> None:
         """Raise ValueError naming the first bad field."""
-        if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be a positive integer, got {self.max_new_tokens!r}")
+        if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens must be a non-negative integer, got {self.max_new_tokens!r}")
         if not self.temperature >= 0:
             raise ValueError(f"temperature must be >= 0, got {self.temperature!r}")
         if not isinstance(self.top_k, int) or self.top_k < 0:
@@ -41,6 +51,20 @@ class SamplingParams:
             raise ValueError(f"seed must be an integer, got {self.seed!r}")
         if any(not isinstance(s, str) or not s for s in self.stop):
             raise ValueError(f"stop sequences must be non-empty strings, got {list(self.stop)!r}")
+        for name in ("logprobs", "prompt_logprobs"):
+            k = getattr(self, name)
+            if k is not None and (not isinstance(k, int) or not 0 <= k <= self.MAX_LOGPROBS):
+                raise ValueError(f"{name} must be None or an integer in [0, {self.MAX_LOGPROBS}], got {k!r}")
+        for name in ("presence_penalty", "frequency_penalty"):
+            if not -2 <= getattr(self, name) <= 2:
+                raise ValueError(f"{name} must be in [-2, 2], got {getattr(self, name)!r}")
+        if not self.repetition_penalty > 0:
+            raise ValueError(f"repetition_penalty must be > 0 (1: off), got {self.repetition_penalty!r}")
+        if not isinstance(self.min_tokens, int) or not 0 <= self.min_tokens:
+            raise ValueError(f"min_tokens must be a non-negative integer, got {self.min_tokens!r}")
+        if self.logit_bias is not None and any(not isinstance(t, int) or isinstance(t, bool) or not -100 <= b <= 100
+                                               for t, b in self.logit_bias.items()):
+            raise ValueError("logit_bias maps token ids (integers) to biases in [-100, 100]")
 
     @property
     def greedy(self) -> bool:
@@ -48,6 +72,7 @@ class SamplingParams:
 
 
 def make_generator(params: SamplingParams) -> torch.Generator | None:
+    """A CPU generator (its draws are the same whatever device the model is on), or None for greedy."""
     if params.greedy:
         return None
     return torch.Generator().manual_seed(params.seed if params.seed is not None else 0)

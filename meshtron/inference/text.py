@@ -43,11 +43,12 @@ class TextStream:
         self.longest = max((len(s) for s in self.stop), default=0)
         self.text, self.sent, self.done = "", 0, False
 
-    def push(self, token: int) -> bool:
-        """Add a token's text; True when a stop sequence has now appeared (the text is cut before it)."""
+    def push(self, token: int, check: bool = True) -> bool:
+        """Add a token's text; True when a stop sequence has now appeared in the new text (the text is cut
+        before it). `check=False` adds the text without looking for stop sequences (before min_tokens)."""
         before = len(self.text)
         self.text += self.detok.push(token)
-        return self._cut(before)
+        return self._cut(before) if check else False
 
     def finish(self) -> None:
         """No more tokens: release held text (a stop sequence may still complete within it)."""

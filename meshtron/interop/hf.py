@@ -304,10 +304,14 @@ def config_to_hf(cfg: ModelConfig, dtype: str = "float32") -> dict:
 
 
 def export_hf(cfg: ModelConfig, full_state: dict[str, torch.Tensor], out_dir: str, tokenizer_dir: str | None = None,
-              extra_config: dict | None = None) -> None:
-    """Write config.json + model.safetensors (+ tokenizer files from `tokenizer_dir`) that
-    `transformers.AutoModelForCausalLM.from_pretrained(out_dir)` loads as GPT2LMHeadModel / LlamaForCausalLM.
-    `extra_config` (e.g. bos/eos/pad token ids) is merged into config.json."""
+              extra_config: dict | None = None, tokenizer=None) -> None:
+    """Write config.json + model.safetensors that `transformers.AutoModelForCausalLM.from_pretrained(out_dir)` loads
+    as GPT2LMHeadModel / LlamaForCausalLM, and the tokenizer: `tokenizer` (a meshtron Tokenizer; default: loaded
+    from `tokenizer_dir`) as files AutoTokenizer loads and that encode as meshtron does (a byte tokenizer as an
+    equivalent byte-level tokenizer.json); Hugging Face files in `tokenizer_dir` (tokenizer_config.json, a chat
+    template) are copied. Its end-of-text id goes into config.json and generation_config.json (eos, bos, pad), so
+    transformers' generation stops where meshtron's does. `extra_config` is merged into config.json last. Files get
+    the usual mode (0666 less the umask), not safetensors' 0600."""
     from safetensors.torch import save_file
     state = to_hf_state(cfg, full_state)
     dtypes = {t.dtype for t in state.values()}
@@ -315,11 +319,85 @@ def export_hf(cfg: ModelConfig, full_state: dict[str, torch.Tensor], out_dir: st
         state = {k: t.float() for k, t in state.items()}
     dtype = str(next(iter(state.values())).dtype).removeprefix("torch.")
     hf_cfg = config_to_hf(cfg, dtype)
+    if tokenizer is None and tokenizer_dir:
+        from meshtron.data import load_tokenizer
+        tokenizer = load_tokenizer(tokenizer_dir)
+    special = _special_ids(tokenizer, cfg.vocab_size)
+    hf_cfg.update(special)
     hf_cfg.update(extra_config or {})
     os.makedirs(out_dir, exist_ok=True)
-    save_file(state, os.path.join(out_dir, "model.safetensors"), metadata={"format": "pt"})
-    with open(os.path.join(out_dir, "config.json"), "w") as f:
-        json.dump(hf_cfg, f, indent=2)
-    if tokenizer_dir:
+    weights = os.path.join(out_dir, "model.safetensors")
+    save_file(state, weights, metadata={"format": "pt"})
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(weights, 0o666 & ~umask)
+    _write_json(os.path.join(out_dir, "config.json"), hf_cfg)
+    if special:
+        _write_json(os.path.join(out_dir, "generation_config.json"),
+                    {**special, "pad_token_id": special["eos_token_id"], "_from_model_config": False})
+    if tokenizer is not None:
+        _write_tokenizer(tokenizer, out_dir, tokenizer_dir, cfg.max_seq_len)
+
+
+def _write_json(path: str, data: dict) -> None:
+    with open(path, "w") as f:
+        json.dump(data, f, indent=2)
+
+
+def _special_ids(tokenizer, vocab_size: int) -> dict:
+    """eos (the end-of-text token) and bos (the token its prompts start with, else end-of-text, as GPT-2's)."""
+    if tokenizer is None or not 0 <= tokenizer.eot_id < vocab_size:
+        return {}
+    lead = tokenizer.encode_prompt("")                  # what the post-processor adds around a prompt
+    bos = lead[0] if lead and 0 <= lead[0] < vocab_size else tokenizer.eot_id
+    return {"bos_token_id": bos, "eos_token_id": tokenizer.eot_id}
+
+
+def _write_tokenizer(tokenizer, out_dir: str, tokenizer_dir: str | None, max_seq_len: int) -> None:
+    from meshtron.data.tokenizer import ByteTokenizer
+    copied = set()
+    if tokenizer_dir and os.path.isdir(tokenizer_dir):
         for path in tokenizer_files(tokenizer_dir):
             shutil.copy(path, os.path.join(out_dir, os.path.basename(path)))
+            copied.add(os.path.basename(path))
+    byte = isinstance(tokenizer, ByteTokenizer)
+    hf_tok = byte_level_tokenizer() if byte else tokenizer.hf_tokenizer
+    if "tokenizer.json" not in copied or byte:
+        with open(os.path.join(out_dir, "tokenizer.json"), "w", encoding="utf-8") as f:
+            f.write(hf_tok.to_str())
+    if "tokenizer_config.json" not in copied:
+        eot = hf_tok.id_to_token(tokenizer.eot_id)
+        lead = tokenizer.encode_prompt("")
+        bos = hf_tok.id_to_token(lead[0]) if lead else eot
+        cfg = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": bos, "eos_token": eot,
+               "model_max_length": max_seq_len, "clean_up_tokenization_spaces": False}
+        if byte:                  # text spelling <|endoftext|> is bytes, as in meshtron's byte tokenizer
+            cfg["split_special_tokens"] = True
+        _write_json(os.path.join(out_dir, "tokenizer_config.json"), cfg)
+    if byte:                      # meshtron reads the folder back as its own byte tokenizer, exactly
+        tokenizer.save(out_dir)
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's map of the 256 bytes to printable characters (what the ByteLevel pre-tokenizer emits)."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs, n = list(bs), 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return dict(zip(bs, map(chr, cs)))
+
+
+def byte_level_tokenizer():
+    """A `tokenizers.Tokenizer` equal to meshtron's byte tokenizer: byte b is token b, <|endoftext|> is 256."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
+
+    from meshtron.data.tokenizer import EOT
+    chars = _bytes_to_unicode()
+    tok = Tokenizer(models.BPE({chars[b]: b for b in range(256)}, []))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens([AddedToken(EOT, special=True)])
+    return tok

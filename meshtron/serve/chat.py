@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import os
 
-from meshtron.serve.protocol import APIError, CompletionRequest, Limits, parse_completion
+from meshtron.serve.protocol import APIError, CompletionRequest, Limits, parse_completion, reject_unsupported
 
 ROLES = ("system", "developer", "user", "assistant", "tool")
 
@@ -89,6 +89,7 @@ def parse_chat(body: dict, template: ChatTemplate | None, encode, limits: Limits
         raise APIError(400, "this model has no chat template, so it cannot chat: use /v1/completions, or start "
                        "meshtron serve with --chat-template FILE (a Jinja template, as in a Hugging Face "
                        "tokenizer_config.json)", code="no_chat_template")
+    reject_unsupported(body)
     messages = _messages(body)
     ids = encode(template.render(messages))
     rest = {k: v for k, v in body.items() if k not in ("messages", "max_completion_tokens", "prompt")}
@@ -96,18 +97,18 @@ def parse_chat(body: dict, template: ChatTemplate | None, encode, limits: Limits
     if max_tokens is None:                  # OpenAI's chat default: as many as the context leaves
         max_tokens = max(1, min(limits.max_tokens, limits.max_seq_len - len(ids)))
     rest["max_tokens"] = max_tokens
-    req = parse_completion({**rest, "prompt": ids}, encode, limits, eot_id)
+    req = parse_completion({**rest, "prompt": ids}, encode, limits, eot_id, chat=True)
     req.id = "chatcmpl-" + req.id.split("-", 1)[1]
     return req
 
 
-def chat_choice(index: int, text: str, finish_reason: str | None) -> dict:
-    return {"index": index, "message": {"role": "assistant", "content": text}, "logprobs": None,
+def chat_choice(index: int, text: str, finish_reason: str | None, logprobs: dict | None = None) -> dict:
+    return {"index": index, "message": {"role": "assistant", "content": text}, "logprobs": logprobs,
             "finish_reason": finish_reason}
 
 
-def chat_delta(index: int, delta: dict, finish_reason: str | None) -> dict:
-    return {"index": index, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
+def chat_delta(index: int, delta: dict, finish_reason: str | None, logprobs: dict | None = None) -> dict:
+    return {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}
 
 
 def chat_completion(req: CompletionRequest, model: str, choices: list[dict], usage: dict | None,

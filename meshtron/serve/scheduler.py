@@ -10,6 +10,7 @@ the running requests and resets the engine, never the ranks.
 from __future__ import annotations
 
 import datetime
+import os
 import pickle
 import threading
 import time
@@ -53,6 +54,16 @@ class Control:
         return kind, pickle.loads(buf.numpy().tobytes())
 
 
+def _fault(rank: int, iteration: int) -> None:
+    """Fault injection for tests: `MESHTRON_SERVE_FAULT=rank=R:iteration=N` makes rank R's engine fail (as an
+    out-of-memory on one rank would) at its Nth iteration. Unset in normal use."""
+    spec = os.environ.get("MESHTRON_SERVE_FAULT")
+    if spec:
+        want = dict(p.split("=", 1) for p in spec.split(":"))
+        if int(want.get("rank", -1)) == rank and int(want.get("iteration", -1)) == iteration:
+            raise RuntimeError(f"injected fault on rank {rank} at iteration {iteration} (MESHTRON_SERVE_FAULT)")
+
+
 def _run(engine: Engine, add: list[Request], abort: list) -> list[Event]:
     """One iteration, identical on every rank."""
     engine.abort(abort)
@@ -62,18 +73,18 @@ def _run(engine: Engine, add: list[Request], abort: list) -> list[Event]:
     return events
 
 
-def follow(engine: Engine, control: Control) -> None:
-    """The loop of every rank but 0: do what rank 0 says until it says exit."""
+def follow(engine: Engine, control: Control, rank: int) -> None:
+    """The loop of every rank but 0: do what rank 0 says until it says exit. An error ends it (the caller exits
+    non-zero): this rank may be out of step with the others, and must not serve on."""
+    iteration = 0
     while True:
         kind, msg = control.recv()
         if kind == EXIT:
             return
         add, abort = (msg["add"], msg["abort"]) if kind == WORK else ([], [])
-        try:
-            _run(engine, add, abort)
-        except Exception:  # noqa: BLE001 - rank 0 raised alike and failed the requests; keep serving
-            traceback.print_exc()
-            engine.reset()
+        iteration += 1
+        _fault(rank, iteration)
+        _run(engine, add, abort)
 
 
 @dataclass
@@ -123,20 +134,31 @@ class Scheduler:
             self._stop = True
             self._cv.notify()
 
+    def fail(self, error: BaseException) -> None:
+        """Another rank is gone: stop serving at once (`/health` 503), without telling the ranks to exit."""
+        with self._cv:
+            if self.error is None:
+                self.error = error
+            self._stop = True
+            self._cv.notify()
+
     # ---- the scheduler's own thread (the main thread: torch runs fastest there) ------------------------------
 
     def run(self) -> None:
-        """Serve until `stop()`, then tell the other ranks to exit; a collective failure ends it with `error`."""
+        """Serve until `stop()`, then tell the other ranks to exit; any engine or control error (or `fail`) ends
+        it with `error` set, the requests failed, and `on_fatal` called."""
         try:
             self._loop()
         except BaseException as e:  # noqa: BLE001 - the ranks are gone or out of step: the server must stop
             traceback.print_exc()
-            self.error = e
+            with self._cv:
+                self.error = self.error or e
+        if self.error is not None:
             with self._cv:
                 jobs, self._pending = list(self.jobs.values()) + list(self._pending), deque()
-            self._fail(jobs, e)
+            self._fail(jobs, self.error)
             if self.on_fatal is not None:
-                self.on_fatal(e)
+                self.on_fatal(self.error)
             return
         try:
             self.control.send(EXIT)
@@ -144,14 +166,14 @@ class Scheduler:
             traceback.print_exc()
 
     def _loop(self) -> None:
-        engine = self.engine
+        engine, iteration = self.engine, 0
         while True:
             with self._cv:
                 while not self._stop and not engine.running and not self._pending:
                     self._cv.wait()
                 if self._stop:
                     jobs, self._pending = list(self.jobs.values()) + list(self._pending), deque()
-                    self._fail(jobs, RuntimeError("the server stopped"))
+                    self._fail(jobs, self.error or RuntimeError("the server stopped"))
                     return
             if not engine.running and self.batch_wait_s:
                 time.sleep(self.batch_wait_s)                 # let requests sent together start together
@@ -162,13 +184,9 @@ class Scheduler:
                 self.control.send(WORK, {"add": add, "abort": abort})
             else:
                 self.control.send(STEP)
-            try:
-                events = _run(engine, add, abort)
-            except Exception as e:  # noqa: BLE001 - every rank raised alike: fail these requests, keep serving
-                traceback.print_exc()
-                self._fail(list(self.jobs.values()), e)
-                engine.reset()
-                continue
+            iteration += 1
+            _fault(0, iteration)
+            events = _run(engine, add, abort)           # an error here is fatal: `run` stops the server
             st = self.stats
             st["sequences"] += len(add)
             st["iterations"] += 1
@@ -189,9 +207,9 @@ class Scheduler:
         with self._cv:
             abort = [i for i in self._cancelled if i in engine.seqs]
             self._cancelled -= set(abort)
-            for i in list(self._cancelled):            # cancelled before they started
-                if i not in self.jobs and not any(j.request.id == i for j in self._pending):
-                    self._cancelled.discard(i)
+            if self._cancelled:                        # cancelled before they started (or after they ended)
+                waiting = {j.request.id for j in self._pending}
+                self._cancelled -= {i for i in self._cancelled if i not in self.jobs and i not in waiting}
             free = self.max_batch * engine.replicas - engine.running
             while self._pending and len(add) < free:
                 job = self._pending.popleft()
