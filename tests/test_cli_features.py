@@ -70,3 +70,29 @@ def test_zero_without_a_batch_axis_is_a_noop_said_at_start(tmp_path, capsys):
     assert main(["train", "--mesh", "model:2", "--zero", "1", "--steps", "1", "--out", str(tmp_path / "r")]
                 + COMMON[:-2]) == 0
     assert "--zero 1 has no effect" in capsys.readouterr().out
+
+
+def test_pipelined_run_exports_and_generates_off_the_pipe(tmp_path, capfd):
+    """A run trained on `pipe:2` exports the same weights as its one-rank twin and generates its greedy text on a
+    mesh without a pipe axis; `generate`/`serve` on a pipe mesh are refused before any rank starts."""
+    from safetensors.torch import load_file
+    base = ["--model", "gpt-tiny", "--n-layer", "4", "--batch-size", "4", "--seq-len", "32", "--micro-batches",
+            "2", "--sample-tokens", "0", "--steps", "3", "--seed", "3"]
+    runs = {}
+    for name, mesh in (("one", "batch:1"), ("pipe", "pipe:2")):
+        runs[name] = tmp_path / name
+        assert main(["train", "--mesh", mesh, "--out", str(runs[name])] + base) == 0
+        assert main(["export", str(runs[name]), str(tmp_path / f"{name}_hf")]) == 0
+    one, pipe = (load_file(str(tmp_path / f"{n}_hf" / "model.safetensors")) for n in ("one", "pipe"))
+    assert one.keys() == pipe.keys()
+    for k in one:
+        assert (one[k] - pipe[k]).abs().max() <= 1e-5, k
+    capfd.readouterr()
+    texts = []
+    for name, mesh in (("one", "model:1"), ("pipe", "model:2")):
+        assert main(["generate", str(runs[name]), "--mesh", mesh, "--prompt", "The", "--max-new-tokens", "12"]) == 0
+        texts.append(capfd.readouterr().out)
+    assert texts[0] and texts[0] == texts[1]
+    for cmd in (["generate", str(runs["pipe"]), "--prompt", "The"], ["serve", str(runs["pipe"])]):
+        assert main(cmd + ["--mesh", "pipe:2"]) == 2
+        assert "e.g. --mesh model:1" in capfd.readouterr().err

@@ -51,6 +51,13 @@ def check_model(path: str, mesh: str, layout: str | None, tokenizer: str | None,
     src = describe(path)
     rules = LayoutRules.parse(layout) if layout else LayoutRules.default_for(shape)
     validate(rules, shape, src.config.dim_sizes())
+    stages_axis = rules.as_dict().get("layers")
+    if stages_axis and shape.get(stages_axis, 1) > 1:
+        drop = ",".join(f"{a}:{n}" for a, n in shape.items() if a != stages_axis) or "model:1"
+        raise ValueError(f"mesh {mesh!r} splits the layers into a {shape[stages_axis]}-stage pipeline (axis "
+                         f"{stages_axis!r}); decoding and log-likelihood scoring do not run through a pipeline (only "
+                         f"`meshtron eval --data` does): any checkpoint, pipelined or not, loads on a mesh without "
+                         f"that axis, e.g. --mesh {drop}")
     spec = tokenizer or src.tokenizer_dir
     if spec is None:
         if need_tokenizer:
