@@ -7,7 +7,7 @@ BASE = $(VENV)/.meshtron-base
 TEST = $(VENV)/.meshtron-test
 BENCH = $(VENV)/.meshtron-bench
 
-.PHONY: demo test test-faults bench lm-eval soak clean
+.PHONY: demo test test-all test-faults bench bench-megatron lm-eval soak clean
 
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
@@ -26,6 +26,9 @@ demo: $(BASE)
 test: $(TEST)
 	$(VENV)/bin/python -m pytest -q
 
+test-all: $(TEST)      # make test plus the slow cases (about 4 minutes more here)
+	$(VENV)/bin/python -m pytest -q -m "not fault_matrix"
+
 test-faults: $(TEST)   # every rank x phase x before/after the first checkpoint (25 minutes here)
 	$(VENV)/bin/python -m pytest -q -m "fault_matrix or not fault_matrix" tests/test_faults.py
 
@@ -38,6 +41,10 @@ bench: $(BENCH)
 	$(VENV)/bin/python bench/bench_tp.py
 	$(VENV)/bin/python bench/bench_generate.py
 	$(VENV)/bin/python bench/bench_planner.py
+
+bench-megatron: $(BENCH)   # Megatron-Core's own tensor-parallel layers as the peer (an optional extra)
+	$(PIP) install -q --no-deps megatron-core==0.16.1
+	$(VENV)/bin/python bench/bench_megatron.py
 
 lm-eval: $(TEST)
 	$(VENV)/bin/python bench/lm_eval_serve.py

@@ -1,7 +1,7 @@
 """Training-step time of meshtron vs PyTorch's own DTensor tensor parallelism, and meshtron's parallel efficiency.
 
-    .venv/bin/python bench/bench_tp.py            # full run (a few minutes on 2 cores)
-    .venv/bin/python bench/bench_tp.py --quick    # short run (fewer repeats, smaller efficiency model)
+    .venv/bin/python bench/bench_tp.py                     # full run, 3 separate runs per row (minutes on 2 cores)
+    .venv/bin/python bench/bench_tp.py --quick --runs 1    # short run (fewer repeats, smaller efficiency model)
 
 One training step = forward + backward + data-parallel gradient averaging + global-norm clipping (1.0) +
 AdamW (weight decay 0.1 on matrices; the peer uses whichever implementation, foreach or fused, meshtron's
@@ -222,6 +222,12 @@ def efficiency_worker(cfg_kw: dict, batch: int, seq: int, warmup: int, repeats: 
     return {**times, "fused": _fused(mstep), "usage": usage.result()}
 
 
+def spread(xs, fmt: str = "{:.2f}") -> str:
+    """The median of `xs` and, over several, their range: '0.91 [0.88-0.95]'."""
+    m = fmt.format(median(xs))
+    return m if len(xs) < 2 else f"{m} [{fmt.format(min(xs))}-{fmt.format(max(xs))}]"
+
+
 def world_of(spec: str) -> int:
     n = 1
     for item in spec.split(","):
@@ -244,6 +250,8 @@ def main() -> None:
     ap.add_argument("--wait-idle", type=float, default=120, metavar="S",
                     help="before each measurement, wait up to S seconds for other processes to leave the cores "
                          "idle (default 120; 0: do not wait)")
+    ap.add_argument("--runs", type=int, default=3, help="separate runs per row, processes restarted (default 3): "
+                    "each cell is their median, with the range")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "tp.md"))
     args = ap.parse_args()
     from meshtron.launch import run_ranks
@@ -261,57 +269,68 @@ def main() -> None:
     t_start = time.time()
 
     rows, checks, fused_seen, shm_seen = [], [], False, False
+    R = args.runs
+    # rows: (name, batch, spec, threads, [per-run (meshtron, over gloo, DTensor) ms], others' cores)
     for name, cfg, B, seq, meshes, warmup, repeats, steps in (runs if args.part != "efficiency" else []):
         for spec in meshes:
             world = world_of(spec)
             threads = max(1, CORES // world)
-            wait_for_idle(args.wait_idle)
-            res = run_ranks(compare_worker, world, spec, cfg, B, seq, warmup, repeats, steps, args.peer_dp,
-                            True, threads_per_rank=threads, timeout_s=1200)
-            tm = median([max(r["meshtron"][i] for r in res) for i in range(repeats)])
-            tg = median([max(r["meshtron_gloo"][i] for r in res) for i in range(repeats)])
-            tp = median([max(r["dtensor"][i] for r in res) for i in range(repeats)])
-            rows.append((name, B, spec, threads, tm * 1e3, tg * 1e3, tp * 1e3, tm / tp, tg / tp,
-                         others_cores([r["usage"] for r in res])))
-            shm_seen = res[0]["shm"]
-            r0 = res[0]
-            fused_seen = r0["fused"]
-            dloss = max(abs(a - b) for a, b, _, _ in r0["losses"])
-            dnorm = max(abs(c - d) / max(abs(c), 1e-12) for _, _, c, d in r0["losses"])
-            checks.append(f"{name} on {spec}: step-0 loss one-process reference {r0['ref_loss']:.6f}, "
-                          f"meshtron {r0['losses'][0][0]:.6f}, DTensor {r0['losses'][0][1]:.6f}; "
-                          f"over {len(r0['losses'])} steps max |loss diff| {dloss:.1e}, "
-                          f"max grad-norm rel. diff {dnorm:.1e}; losses "
-                          + " -> ".join(f"{a:.4f}" for a, *_ in r0["losses"]))
-            print(f"  {name:18s} {spec:16s} meshtron {tm * 1e3:8.1f} ms  (over gloo {tg * 1e3:8.1f} ms)  "
-                  f"DTensor {tp * 1e3:8.1f} ms  ratio {tm / tp:.3f} (over gloo {tg / tp:.3f})   "
-                  f"({time.time() - t_start:.0f} s)", flush=True)
+            per_run, others = [], 0.0
+            for run in range(R):                         # separate runs: the processes restart each time
+                wait_for_idle(args.wait_idle)
+                res = run_ranks(compare_worker, world, spec, cfg, B, seq, warmup, repeats, steps, args.peer_dp,
+                                run == 0, threads_per_rank=threads, timeout_s=1200)
+                tm, tg, tp = (median([max(r[k][i] for r in res) for i in range(repeats)]) * 1e3
+                              for k in ("meshtron", "meshtron_gloo", "dtensor"))
+                per_run.append((tm, tg, tp))
+                others = max(others, others_cores([r["usage"] for r in res]))
+                shm_seen = res[0]["shm"]
+                fused_seen = res[0]["fused"]
+                print(f"  {name:18s} {spec:16s} run {run + 1}/{R}: meshtron {tm:8.1f} ms  (over gloo {tg:8.1f} ms)"
+                      f"  DTensor {tp:8.1f} ms  ratio {tm / tp:.3f} (over gloo {tg / tp:.3f})   "
+                      f"({time.time() - t_start:.0f} s)", flush=True)
+                if run == 0:
+                    r0 = res[0]
+                    dloss = max(abs(a - b) for a, b, _, _ in r0["losses"])
+                    dnorm = max(abs(c - d) / max(abs(c), 1e-12) for _, _, c, d in r0["losses"])
+                    checks.append(f"{name} on {spec}: step-0 loss one-process reference {r0['ref_loss']:.6f}, "
+                                  f"meshtron {r0['losses'][0][0]:.6f}, DTensor {r0['losses'][0][1]:.6f}; "
+                                  f"over {len(r0['losses'])} steps max |loss diff| {dloss:.1e}, "
+                                  f"max grad-norm rel. diff {dnorm:.1e}; losses "
+                                  + " -> ".join(f"{a:.4f}" for a, *_ in r0["losses"]))
+            rows.append((name, B, spec, threads, per_run, others))
 
     # parallel efficiency: 1 rank x CORES threads vs model:2 x 1 thread, alternating in one process group
-    eff_name, eff_line = f"GPT h1024 L4 s{eff_seq}", []
+    eff_name, eff_line, effs = f"GPT h1024 L4 s{eff_seq}", [], []
     if args.part != "compare":
         e_rep, e_steps = (3, 1) if q else (6, 1)
-        wait_for_idle(args.wait_idle)
-        res = run_ranks(efficiency_worker, 2, eff_cfg, eff_batch, eff_seq, 1, e_rep, e_steps, args.peer_dp,
-                        threads_per_rank=max(1, CORES // 2), timeout_s=1200)
-        fused_seen = res[0]["fused"]
-        tp_m = [max(r["meshtron"][i] for r in res) for i in range(e_rep)]
-        tp_g = [max(r["meshtron_gloo"][i] for r in res) for i in range(e_rep)]
-        t2g = median(tp_g)
-        tp_d = [max(r["dtensor"][i] for r in res) for i in range(e_rep)]
-        t1m, t1p, t2m, t2d = (median(x) for x in (res[0]["meshtron_1"], res[0]["plain_1"], tp_m, tp_d))
-        print(f"  efficiency done ({time.time() - t_start:.0f} s)", flush=True)
-        rows.append((eff_name, eff_batch, "model:2", max(1, CORES // 2), t2m * 1e3, t2g * 1e3, t2d * 1e3,
-                     t2m / t2d, t2g / t2d,
-                     others_cores([r["usage"] for r in res])))
+        per_run, others, solo = [], 0.0, []
+        for run in range(R):
+            wait_for_idle(args.wait_idle)
+            res = run_ranks(efficiency_worker, 2, eff_cfg, eff_batch, eff_seq, 1, e_rep, e_steps, args.peer_dp,
+                            threads_per_rank=max(1, CORES // 2), timeout_s=1200)
+            fused_seen = res[0]["fused"]
+            t2m, t2g, t2d = (median([max(r[k][i] for r in res) for i in range(e_rep)]) * 1e3
+                             for k in ("meshtron", "meshtron_gloo", "dtensor"))
+            t1m, t1p = median(res[0]["meshtron_1"]) * 1e3, median(res[0]["plain_1"]) * 1e3
+            per_run.append((t2m, t2g, t2d))
+            solo.append((t1m, t1p))
+            effs.append((t1m / t2m, t1m / t2g))
+            others = max(others, others_cores([r["usage"] for r in res]))
+            print(f"  efficiency run {run + 1}/{R}: 1 rank {t1m:.0f} ms, model:2 {t2m:.0f} ms (over gloo {t2g:.0f}"
+                  f" ms): {t1m / t2m:.2f} (over gloo {t1m / t2g:.2f})  ({time.time() - t_start:.0f} s)", flush=True)
+        rows.append((eff_name, eff_batch, "model:2", max(1, CORES // 2), per_run, others))
+        t1m, t1p = median([a for a, _ in solo]), median([b for _, b in solo])
+        t2m, t2g, t2d = (median([x[i] for x in per_run]) for i in range(3))
         eff_line = [
             "",
-            f"Parallel efficiency ({eff_name}, batch {eff_batch}): meshtron on 1 rank x {CORES} threads "
-            f"{t1m * 1e3:.0f} ms, on `model:2` x 1 thread {t2m * 1e3:.0f} ms: **efficiency {t1m / t2m:.2f}** "
-            f"(t_1rank / t_model:2; goal >= 0.85); with its all-reduces over gloo {t2g * 1e3:.0f} ms: "
-            f"efficiency {t1m / t2g:.2f}. For reference: plain torch.nn on 1 rank x {CORES} threads "
-            f"{t1p * 1e3:.0f} ms (meshtron / plain on one rank {t1m / t1p:.2f}); DTensor on `model:2` "
-            f"{t2d * 1e3:.0f} ms (efficiency against plain {t1p / t2d:.2f}). Measured in one process group, "
+            f"Parallel efficiency ({eff_name}, batch {eff_batch}; medians over {R} run(s)): meshtron on 1 rank x "
+            f"{CORES} threads {t1m:.0f} ms, on `model:2` x 1 thread {t2m:.0f} ms: **efficiency "
+            f"{median([e for e, _ in effs]):.2f}** ({spread([e for e, _ in effs])}; t_1rank / t_model:2; goal "
+            f">= 0.9); with its all-reduces over gloo {t2g:.0f} ms: efficiency {median([g for _, g in effs]):.2f} "
+            f"({spread([g for _, g in effs])}). For reference: plain torch.nn on 1 rank x {CORES} threads "
+            f"{t1p:.0f} ms (meshtron / plain on one rank {t1m / t1p:.2f}); DTensor on `model:2` "
+            f"{t2d:.0f} ms (efficiency against plain {t1p / t2d:.2f}). Measured in one process group, "
             f"alternating blocks (rank 1 idles in a barrier during the 1-rank blocks).",
         ]
     elapsed = time.time() - t_start
@@ -320,25 +339,35 @@ def main() -> None:
 
     lines = [
         "| config | mesh | threads/rank | meshtron ms/step | meshtron over gloo ms/step | DTensor ms/step "
-        "| ratio (meshtron/DTensor) | ratio over gloo |",
-        "|---|---|---|---|---|---|---|---|",
+        "| ratio (meshtron/DTensor) | ratio over gloo | meshtron / over gloo |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
-    for name, B, spec, th, a, g, b, r, rg, _ in rows:
-        lines.append(f"| {name}, batch {B} | `{spec}` | {th} | {a:.1f} | {g:.1f} | {b:.1f} | {r:.2f} | {rg:.2f} |")
+    ratios = {}
+    for name, B, spec, th, per_run, _ in rows:
+        rm = [a / c for a, _, c in per_run]
+        rg = [b / c for _, b, c in per_run]
+        rt = [a / b for a, b, _ in per_run]
+        ratios[(name, spec)] = (rm, rg, rt)
+        cells = [spread([x[i] for x in per_run], "{:.0f}") for i in range(3)]
+        lines.append(f"| {name}, batch {B} | `{spec}` | {th} | " + " | ".join(cells)
+                     + f" | {spread(rm)} | {spread(rg)} | {spread(rt)} |")
     goals = []
     if rows:
-        worst, worst_g = max(r[7] for r in rows), max(r[8] for r in rows)
-        goals.append(f"faster than DTensor on every row: {'yes' if worst < 1 else 'NO'} (worst ratio {worst:.2f}; "
-                     f"over gloo {'yes' if worst_g < 1 else 'NO'}, {worst_g:.2f})")
-    small_r = [r[7] for r in rows if r[0] == runs[0][0]]
-    small_g = [r[8] for r in rows if r[0] == runs[0][0]]
-    if small_r:
-        goals.append(f"small GPT <= 0.85x on both meshes: {'yes' if max(small_r) <= 0.85 else 'NO'} "
-                     f"({', '.join(f'{x:.2f}' for x in small_r)}; over gloo "
-                     f"{'yes' if max(small_g) <= 0.85 else 'NO'}, {', '.join(f'{x:.2f}' for x in small_g)})")
-    if eff_line:
-        goals.append(f"efficiency >= 0.85: {'yes' if t1m / t2m >= 0.85 else 'NO'} ({t1m / t2m:.2f}; over gloo "
-                     f"{t1m / t2g:.2f})")
+        worst = max(max(v[0]) for v in ratios.values())
+        worst_g = max(max(v[1]) for v in ratios.values())
+        goals.append(f"meshtron <= 1.0x DTensor on every row in every run: {'yes' if worst <= 1 else 'NO'} (worst "
+                     f"{worst:.2f}; over gloo {'yes' if worst_g <= 1 else 'NO'}, {worst_g:.2f})")
+        worst_t = max(max(v[2]) for v in ratios.values())
+        goals.append(f"default transport / gloo, worst row and run: {worst_t:.2f}")
+    small = [v for (n, _), v in ratios.items() if n == runs[0][0]]
+    if small:
+        sm = max(max(v[0]) for v in small)
+        goals.append(f"small GPT <= 0.85x on both meshes in every run: {'yes' if sm <= 0.85 else 'NO'} "
+                     f"(worst {sm:.2f})")
+    if effs:
+        low = min(e for e, _ in effs)
+        goals.append(f"efficiency >= 0.9 in every run: {'yes' if low >= 0.9 else 'NO'} (lowest {low:.2f}; over "
+                     f"gloo {min(g for _, g in effs):.2f})")
     lines += [
         "",
         "Goals: " + "; ".join(goals) + ".",
@@ -349,8 +378,9 @@ def main() -> None:
         *[f"- {c}" for c in checks],
         "",
         f"Step = forward + backward + DP gradient average + clip 1.0 + AdamW + zero_grad, fp32, vocab 257, "
-        f"global batch in sequences; medians of {'quick ' if q else ''}alternating timed blocks (slowest "
-        f"rank per block). DTensor peer: `parallelize_module` (RowwiseParallel embedding, Colwise q/k/v/up "
+        f"global batch in sequences; each cell: the median over {R} separate run(s) (processes restarted) "
+        f"of each run's median of {'quick ' if q else ''}alternating timed blocks (slowest rank per block), with "
+        f"the range over the runs in brackets. DTensor peer: `parallelize_module` (RowwiseParallel embedding, Colwise q/k/v/up "
         f"behind one PrepareModuleInput, Rowwise o/down, Colwise tied head + `loss_parallel`), DP = "
         f"{DP_TEXT[args.peer_dp]}; same AdamW implementation as meshtron's TrainStep "
         f"({'fused' if fused_seen else 'foreach'}), same global-norm clipping (one all-reduce over the model axis); "
@@ -372,7 +402,7 @@ def main() -> None:
                          f"the efficiency is not meaningful" if eff_noisy else "")
                       + ". Re-run on an idle machine.**"]
     write_report(args.out, "meshtron vs DTensor tensor parallelism",
-                 f".venv/bin/python bench/bench_tp.py{' --quick' if q else ''}", "\n".join(lines))
+                 f".venv/bin/python bench/bench_tp.py{' --quick' if q else ''} --runs {R}", "\n".join(lines))
 
 if __name__ == "__main__":
     main()

@@ -60,7 +60,7 @@ def test_resume_equals_uninterrupted_bitwise(uninterrupted, tmp_path):
     assert all(torch.equal(got[k], ref[k]) for k in ref)
 
 
-@pytest.mark.parametrize("mesh", ["model:4", "batch:4", "model:1"])
+@pytest.mark.parametrize("mesh", ["model:4", pytest.param("batch:4", marks=pytest.mark.slow), "model:1"])
 def test_resume_on_another_mesh(uninterrupted, tmp_path, mesh):
     assert train(tmp_path, "--mesh", "batch:2,model:2", "--steps", "6", "--stop-after", "3") == 0
     assert main(["train", "--resume", str(tmp_path), "--mesh", mesh]) == 0
@@ -95,6 +95,7 @@ def _load(spec, root):
     return full_state_dict(model, mesh), _adam_full(model, tr.optimizer, mesh)
 
 
+@pytest.mark.slow
 def test_optimizer_state_is_resharded_not_reinitialised(tmp_path):
     params, adam = run_ranks(_save, 4, "batch:2,model:2", str(tmp_path))[0]
     assert all(v.abs().sum() > 0 for k, v in adam.items() if "exp_avg_sq" in k and "k_proj.bias" not in k)

@@ -17,6 +17,7 @@ def losses(run_dir, steps):
     return [r["loss"] for r in rows]
 
 
+@pytest.mark.slow
 def test_dropout_losses_equal_across_meshes_and_a_resume_elsewhere(tmp_path):
     runs = {}
     for mesh in ["batch:1", "model:2", "batch:2", "batch:2,model:2", "model:4"]:

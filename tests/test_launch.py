@@ -29,6 +29,7 @@ def _final(out):
 
 
 @pytest.mark.skipif(shutil.which("torchrun", path=os.path.dirname(sys.executable)) is None, reason="no torchrun")
+@pytest.mark.slow
 def test_torchrun_restarts_killed_rank_from_checkpoint(tmp_path):
     torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
     env = {**os.environ, "MESHTRON_FAULT": "step:rank=1:step=3", "OMP_NUM_THREADS": "1"}

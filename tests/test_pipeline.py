@@ -162,14 +162,14 @@ def reference(config):
 
 
 EQUIV = [
-    ("gpt", "pipe:2", "1f1b", 1),
+    pytest.param("gpt", "pipe:2", "1f1b", 1, marks=pytest.mark.slow),
     ("llama", "pipe:2", "interleaved", 2),
     ("gpt", "pipe:4", "1f1b", 1),
     ("llama", "pipe:4", "gpipe", 1),
     ("gpt", "pipe:2,model:2", "interleaved", 2),
     ("llama", "pipe:2,model:2", "1f1b", 1),
     ("gpt", "pipe:2,batch:2", "1f1b", 1),
-    ("llama", "pipe:2,batch:2", "interleaved", 2),
+    pytest.param("llama", "pipe:2,batch:2", "interleaved", 2, marks=pytest.mark.slow),
 ]
 
 
@@ -219,8 +219,8 @@ def _train_save_resume(mesh_spec, root, steps, resume_from=None, opt=None, chunk
 
 @pytest.mark.parametrize("first, second", [
     (("pipe:2,model:2", {"pipeline_schedule": "interleaved"}, 2), ("model:4", {}, 1)),
-    (("pipe:2,model:2", {}, 1), ("batch:1", {}, 1)),
-    (("model:4", {}, 1), ("pipe:4", {"pipeline_schedule": "gpipe"}, 1)),
+    pytest.param(("pipe:2,model:2", {}, 1), ("batch:1", {}, 1), marks=pytest.mark.slow),
+    pytest.param(("model:4", {}, 1), ("pipe:4", {"pipeline_schedule": "gpipe"}, 1), marks=pytest.mark.slow),
     (("pipe:2,batch:2", {"zero": 1}, 1), ("pipe:4", {}, 1)),
 ], ids=["pipe-model-to-model4", "pipe-model-to-one", "model4-to-pipe4", "pipe-zero-to-pipe4"])
 def test_pipeline_checkpoints_reshard_with_optimizer_state(first, second, tmp_path):

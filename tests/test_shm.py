@@ -10,8 +10,10 @@ from meshtron.launch import RankError, run_ranks
 from meshtron.mesh import Mesh
 
 
-def _reductions(use_shm: bool):
+def _reductions(use_shm):
     os.environ["MESHTRON_SHM"] = "1" if use_shm else "0"
+    if use_shm == "futex":
+        os.environ["MESHTRON_SHM_WAIT"] = "futex"       # the kernel sleep instead of the polling wait
     import torch.distributed as dist
     from meshtron.comm import collectives as C
     from meshtron.comm import shm
@@ -39,14 +41,14 @@ def _reductions(use_shm: bool):
     return out
 
 
-@pytest.mark.parametrize("use_shm", [True, False])
+@pytest.mark.parametrize("use_shm", [True, "futex", False], ids=["shm", "shm-futex", "gloo"])
 def test_all_reduce_matches_on_both_transports(use_shm):
     before = set(glob.glob("/dev/shm/meshtron-*"))
     res = run_ranks(_reductions, 4, use_shm)
     assert set(glob.glob("/dev/shm/meshtron-*")) == before          # segments are unlinked once mapped
     from meshtron.comm import shm
     for r in res:
-        assert all(v == (use_shm and shm.enabled()) for v in r["transport"].values())
+        assert all(v == (bool(use_shm) and shm.enabled()) for v in r["transport"].values())
     for name in ("batch", "model"):
         for rank, r in enumerate(res):
             members = [res[m][name]["in"] for m in r["ranks"][name]]
@@ -238,3 +240,31 @@ def test_after_a_timeout_the_transport_refuses_instead_of_combining_stale_slots(
     res = run_ranks(_after_a_timeout, 2, timeout_s=60)
     assert "failed earlier" in res[0] and "out of step" in res[0]
     assert isinstance(res[1], str) and "but rank 0 abandoned all_reduce #1 (it failed there)" in res[1]
+
+
+def _wait_for_a_late_peer():
+    import time
+    os.environ["MESHTRON_SHM_WAIT"] = "futex"
+    from meshtron.comm import collectives as C
+    mesh = Mesh.from_spec("model:2")
+    group = mesh.axis("model").group
+    assert C.shm_transport(group) is not None
+    x = torch.ones(4)
+    C.all_reduce(x, group)
+    wall, cpu = time.perf_counter(), time.process_time()
+    for _ in range(5):
+        if mesh.rank == 1:
+            time.sleep(0.05)                 # the late peer: rank 0 waits 50 ms for it, five times
+        C.all_reduce(x, group)
+    return time.perf_counter() - wall, time.process_time() - cpu, x[0].item()
+
+
+def test_a_rank_waiting_for_its_peer_sleeps_instead_of_spinning():
+    """MESHTRON_SHM_WAIT=futex: while a peer is late, the waiting rank sleeps in the kernel (a futex on the peer's
+    sequence word) and leaves its core to the peer it waits for; the results stay exact."""
+    from meshtron.comm import shm
+    if not shm.enabled() or shm._SYS_FUTEX is None:
+        pytest.skip("no shared-memory futex wait on this platform")
+    (wall, cpu, value), _ = run_ranks(_wait_for_a_late_peer, 2)
+    assert value == 2 ** 6
+    assert wall >= 0.25 and cpu < 0.3 * wall, (wall, cpu)

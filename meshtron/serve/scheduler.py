@@ -22,6 +22,7 @@ from typing import Callable
 import torch
 import torch.distributed as dist
 
+from meshtron.comm import collectives as C
 from meshtron.inference import Engine, Event, Request
 
 STEP, WORK, EXIT = 0, 1, 2
@@ -33,24 +34,26 @@ class Control:
     def __init__(self, world: int):
         self.world = world
         self.group = dist.new_group(backend="gloo", timeout=datetime.timedelta(days=365)) if world > 1 else None
+        if self.group is not None:                 # failures name this group, the op and the rank (comm/)
+            C.register_group(self.group, "serve-control", tuple(range(world)))
 
     def send(self, kind: int, payload=None) -> None:
         if self.group is None:
             return
         data = pickle.dumps(payload) if kind == WORK else b""
         head = torch.tensor([kind, len(data)], dtype=torch.long)
-        dist.broadcast(head, src=0, group=self.group)
+        C.broadcast(head, 0, self.group)
         if data:
-            dist.broadcast(torch.frombuffer(bytearray(data), dtype=torch.uint8), src=0, group=self.group)
+            C.broadcast(torch.frombuffer(bytearray(data), dtype=torch.uint8), 0, self.group)
 
     def recv(self):
         head = torch.empty(2, dtype=torch.long)
-        dist.broadcast(head, src=0, group=self.group)
+        C.broadcast(head, 0, self.group)
         kind, n = head.tolist()
         if kind != WORK:
             return kind, None
         buf = torch.empty(n, dtype=torch.uint8)
-        dist.broadcast(buf, src=0, group=self.group)
+        C.broadcast(buf, 0, self.group)
         return kind, pickle.loads(buf.numpy().tobytes())
 
 
