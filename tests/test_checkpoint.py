@@ -60,7 +60,7 @@ def test_resume_equals_uninterrupted_bitwise(uninterrupted, tmp_path):
     assert all(torch.equal(got[k], ref[k]) for k in ref)
 
 
-@pytest.mark.parametrize("mesh", ["model:4", pytest.param("batch:4", marks=pytest.mark.slow), "model:1"])
+@pytest.mark.parametrize("mesh", [pytest.param("model:4", marks=pytest.mark.slow), pytest.param("batch:4", marks=pytest.mark.slow), "model:1"])
 def test_resume_on_another_mesh(uninterrupted, tmp_path, mesh):
     assert train(tmp_path, "--mesh", "batch:2,model:2", "--steps", "6", "--stop-after", "3") == 0
     assert main(["train", "--resume", str(tmp_path), "--mesh", mesh]) == 0

@@ -32,8 +32,8 @@ def reference(tmp_path_factory):
      [["--mesh", "model:4"], ["--mesh", "batch:1"]]),
     pytest.param(["--mesh", "pipe:2,batch:2", "--pipeline-schedule", "1f1b"], [["--mesh", "model:4"]],
                  marks=pytest.mark.slow),
-    (["--mesh", "pipe:2,model:2", "--pipeline-schedule", "interleaved", "--virtual-stages", "2"],
-     [["--mesh", "model:4"]]),
+    pytest.param(["--mesh", "pipe:2,model:2", "--pipeline-schedule", "interleaved", "--virtual-stages", "2"],
+                 [["--mesh", "model:4"]], marks=pytest.mark.slow),
 ], ids=["sp-selective-zero1", "pipe-batch-1f1b", "pipe-model-interleaved"])
 def test_stop_then_resume_elsewhere_logs_one_process_losses(first, then, reference, tmp_path):
     run = tmp_path / "run"

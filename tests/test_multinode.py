@@ -38,6 +38,7 @@ def two_hosts():
         _sh("netns", "del", b)
 
 
+@pytest.mark.slow
 def test_torchrun_two_nodes(two_hosts, tmp_path):
     torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
     (host_a, if_a, addr_a), (host_b, if_b, addr_b) = two_hosts

@@ -218,7 +218,8 @@ def _train_save_resume(mesh_spec, root, steps, resume_from=None, opt=None, chunk
 
 
 @pytest.mark.parametrize("first, second", [
-    (("pipe:2,model:2", {"pipeline_schedule": "interleaved"}, 2), ("model:4", {}, 1)),
+    pytest.param(("pipe:2,model:2", {"pipeline_schedule": "interleaved"}, 2), ("model:4", {}, 1),
+                 marks=pytest.mark.slow),
     pytest.param(("pipe:2,model:2", {}, 1), ("batch:1", {}, 1), marks=pytest.mark.slow),
     pytest.param(("model:4", {}, 1), ("pipe:4", {"pipeline_schedule": "gpipe"}, 1), marks=pytest.mark.slow),
     (("pipe:2,batch:2", {"zero": 1}, 1), ("pipe:4", {}, 1)),

@@ -257,8 +257,12 @@ def test_replicas_on_a_batch_axis_serve_the_same_answers(server, expected):
 
         with ThreadPoolExecutor(16) as pool:
             answers = list(pool.map(one, range(32)))
+        # 8 prompts in one request arrive together, whatever the machine's load: both replicas' batches fill
+        many = httpx.post(url + "/v1/completions", json={"prompt": [_prompt(i) for i in range(8)], "max_tokens": 4,
+                                                         "temperature": 0}, timeout=60)
+        assert many.status_code == 200 and len(many.json()["choices"]) == 8, many.text
         stats = httpx.get(url + "/stats").json()
-        assert stats["sequences"] == 32 and stats["max_running"] > 4      # more than one replica's batch at once
+        assert stats["sequences"] == 40 and stats["max_running"] > 4      # more than one replica's batch at once
         for i, got in enumerate(answers):
             assert got == (expected[i].text, expected[i].finish_reason), f"client {i}"
     finally:
