@@ -1,4 +1,4 @@
-"""Planner vs. measurement on this machine: per-rank peak memory (target ±15%) and step time (±25%), cpu profile.
+"""Planner vs. measurement on this machine: per-rank peak memory (target ±10%) and step time (±25%), cpu profile.
 
 Invariant: every case is one exact layout (model shape, mesh, global batch, sequence length, micro-batch); the
 prediction comes from `meshtron.planner.predict` with the calibrated `cpu` profile, the measurement from
@@ -41,7 +41,7 @@ from meshtron.cli.calibrate import measure as calibrate_cpu
 from meshtron.planner.calibrate import calibration_warning, cpu_profile
 
 CORES = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-MEMORY_TOLERANCE = 0.15
+MEMORY_TOLERANCE = 0.10
 TIME_TOLERANCE = 0.25
 
 

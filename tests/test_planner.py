@@ -360,3 +360,55 @@ def test_load_hf_config_reads_a_folder_or_a_file(tmp_path):
     assert load_hf_config(str(tmp_path / "config.json")) == GPT2_HF
     with pytest.raises(HFConfigError, match="no Hugging Face config"):
         load_hf_config(str(tmp_path / "missing"))
+
+
+@pytest.mark.parametrize("recompute", ["none", "full"])
+def test_backward_peak_matches_meshtrons_live_memory(recompute):
+    """Gradients set to None after each step are allocated during the backward: the peak is the forward's
+    activations (no recompute) or, with full recompute, every gradient plus the last layer's recomputed
+    activations. The prediction's gradients + activations against the heap in use (glibc's mallinfo2) at every
+    module hook of a real one-process step, above the heap in use between steps."""
+    import ctypes
+    import torch
+    from meshtron.mesh import Mesh
+    from meshtron.models import build_model
+    from meshtron.train.step import TrainStep
+
+    class MallInfo2(ctypes.Structure):
+        _fields_ = [(n, ctypes.c_size_t) for n in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
+                                                    "fsmblks", "uordblks", "fordblks", "keepcost")]
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallinfo2.restype = MallInfo2
+    except (OSError, AttributeError):
+        pytest.skip("needs glibc's mallinfo2")
+
+    def in_use() -> int:
+        m = libc.mallinfo2()
+        return m.uordblks + m.hblkhd
+
+    cfg = ModelConfig("gpt", vocab_size=257, n_layer=4, n_head=4, d_model=256, max_seq_len=128)
+    s, b = 128, 8
+    model = build_model(cfg, Mesh.from_spec("model:1"), seed=0)
+    trainer = TrainStep(model, Mesh.from_spec("model:1"), lr=1e-4, recompute=recompute)
+    batch = torch.randint(0, cfg.vocab_size, (b, s + 1), generator=torch.Generator().manual_seed(0))
+    trainer.step(batch)
+    peak = [0]
+
+    def mark(*_):
+        peak[0] = max(peak[0], in_use())
+    for module in model.modules():
+        module.register_forward_hook(mark)
+        module.register_full_backward_hook(mark)
+    between = in_use()
+    trainer.step(batch)
+    measured = peak[0] - between
+    pred = predict(cfg, ParallelLayout(dp=1, micro_batch=b, recompute=recompute), A100,
+                   global_batch=b, seq_len=s, dtype="fp32")
+    predicted = pred.memory["grads"] + pred.memory["activations"]
+    assert predicted == pytest.approx(measured, rel=0.15), (predicted, measured)
+    grads = cm.stage_params(cfg, 1, 1, "last") * 4
+    if recompute == "full":        # the peak is at the end of the backward: every gradient exists
+        assert pred.memory["grads"] == pytest.approx(grads)
+    else:                          # at its start: the first layer's and the head's gradients only
+        assert pred.memory["grads"] < grads / 2

@@ -33,10 +33,17 @@ CPU_OPTIMIZER_PASSES = 1.5     # torch.optim.AdamW(fused=True) plus global-norm 
                                # thread; the foreach AdamW meshtron used before took 0.249 s, 6 passes)
 CPU_DP_OVERLAP = 0.0           # gloo reduces on the CPU: with every core computing, DDP's all-reduce does not hide
                                # under the backward (the DP_OVERLAP of GPUs, whose NCCL kernels run alongside)
-CPU_ALLOCATOR_OVERHEAD = 0.15  # glibc malloc keeps freed blocks below the top of its heaps resident (tensors under
-                               # its dynamic mmap threshold, up to 32 MiB): the peak RSS of meshtron's runs after ~10
-                               # steps was 7-24% above the live tensors (measured with MALLOC_MMAP_THRESHOLD_ fixed),
-                               # and it creeps up a few % more over longer runs
+CPU_ALLOCATOR_OVERHEAD = 0.0   # glibc malloc keeps freed blocks below the top of its heaps resident (tensors under
+                               # its dynamic mmap threshold, up to 32 MiB), so a rank's peak RSS sits above its live
+                               # tensors. Not in proportion to them: fitted to bench/bench_planner.py's 17 cases
+                               # (live peaks checked with mallinfo2, RSS with MALLOC_TRIM_THRESHOLD_=0 falling to
+                               # the live peak plus the runtime) the excess is a fixed heap per rank ...
+CPU_ALLOCATOR_RETAINED_GIB = 125 / 1024
+CPU_ALLOCATOR_GRAD_CHURN = 0.9  # ... plus most of one more copy of the gradients when TrainStep frees them after
+                                # every step (no DDP or distributed-optimizer buckets holding them): the next
+                                # backward allocates them while activations hold the old blocks. Fitted: every
+                                # case's peak RSS within 5.1%; a share of everything (0.15, before) left the
+                                # recompute cases 15-20% under and the DDP cases over
 
 
 def cache_dir() -> str:
@@ -116,6 +123,7 @@ def cpu_profile(threads_per_rank: int = 1, *, recalibrate: bool = False, measure
         gemm_efficiency=CPU_GEMM_EFFICIENCY, elementwise_passes=CPU_ELEMENTWISE_PASSES,
         optimizer_passes=CPU_OPTIMIZER_PASSES, dp_overlap=CPU_DP_OVERLAP,
         runtime_overhead_gib=m["rank_runtime_rss_bytes"] / GIB, allocator_overhead=CPU_ALLOCATOR_OVERHEAD,
+        allocator_retained_gib=CPU_ALLOCATOR_RETAINED_GIB, allocator_grad_churn=CPU_ALLOCATOR_GRAD_CHURN,
         default_dtype="fp32", cores_per_node=cores,
         threads_per_rank=threads_per_rank, shared_memory=True,
         description=f"this machine ({cores} cores), measured: fp32 GEMM {m['gemm_flops_per_thread'] / 1e9:.0f} "

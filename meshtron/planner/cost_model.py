@@ -213,6 +213,36 @@ def optimizer_temp_bytes(n_params: float, sharded: bool, dp: int) -> float:
     return n_params * ADAM_TEMP_BYTES / (dp if sharded else 1)
 
 
+def grads_allocated_in_backward(dp: int, micro_batches: int, sharded: bool) -> bool:
+    """Whether gradients exist only from the backward on: meshtron's TrainStep sets them to None after each
+    step, so they are allocated layer by layer as the backward reaches each parameter, unless DDP's buckets
+    (dp > 1, gradient_as_bucket_view), the distributed optimizer's buckets, or accumulation over micro-batches
+    keep them alive all step."""
+    return dp == 1 and micro_batches == 1 and not sharded
+
+
+def grads_freed_each_step(lay: ParallelLayout) -> bool:
+    """Whether TrainStep frees the gradients after each step (set_to_none) and allocates them again in the next
+    backward: unless DDP's buckets (dp > 1) or the distributed optimizer's hold them."""
+    return lay.dp == 1 and not lay.sharded_optimizer
+
+
+def backward_peak(layers: int, stored_layer: float, head: float, working: float, forward_working: float,
+                  layer_grads: float, other_grads: float) -> tuple[float, float]:
+    """(activations, gradients) at the step's peak when gradients are allocated in the backward (one
+    micro-batch in flight). The candidates: the forward's end (every layer's stored tensors, the head's, the
+    loss's working copy); the head's backward (its gradients allocated, the non-layer ones with them); and each
+    layer's backward, which holds the stored tensors of the layers below, its own `working` set (recomputed
+    activations), and the gradients of itself and the layers above. The last candidate is linear in the layer,
+    so its maximum is at the first layer the backward reaches or at the last."""
+    stored = layers * stored_layer
+    candidates = [(stored + head + forward_working, 0.0), (stored + head, other_grads)]
+    if layers:
+        candidates += [(stored + working, layer_grads + other_grads),
+                       (stored_layer + working, layers * layer_grads + other_grads)]
+    return max(candidates, key=sum)
+
+
 def in_flight_microbatches(pp: int, m: int, v: int) -> float:
     """Micro-batches whose activations the first stage holds: p with 1F1B (Narayanan et al. 2021, 2.2.1),
     times (1 + (p-1)/(p·v)) with the interleaved schedule (Korthikanti et al. 2022, section 4.2.3)."""
@@ -381,21 +411,32 @@ def predict_memory(cfg: ModelConfig, lay: ParallelLayout, hw: HardwareProfile, g
     else:
         stored_layer, working = full_layer, 0.0
     per_param = state_bytes_per_param(dtype, lay.sharded_optimizer, lay.dp)
+    layers = cfg.n_layer // p
+    split, replicated = layer_params(cfg)
+    layer_n = split / t + replicated
+    # gradients that exist all step (DDP's buckets, the distributed optimizer's, accumulation over micro-batches)
+    # or only from the backward on: meshtron's TrainStep sets them to None after each step
+    transient_grads = grads_allocated_in_backward(lay.dp, m, lay.sharded_optimizer)
     stages = []
     for stage, in_flight in (("first", in_flight_microbatches(p, m, lay.virtual_stages)), ("last", 1)):
         n = stage_params(cfg, t, p, stage)
-        acts = in_flight * (cfg.n_layer // p) * stored_layer
+        head = 0.0
+        stage_working = working
         if stage == "last" or p == 1:
-            acts += head_activation_bytes(cfg, s, b, t, lay.sequence_parallel, e)
-            working = max(working, loss_working_bytes(cfg, s, b, t))
-        acts += working
-        mem = {"params": n * per_param[0], "grads": n * per_param[1], "optimizer": n * per_param[2],
-               "activations": acts}
+            head = head_activation_bytes(cfg, s, b, t, lay.sequence_parallel, e)
+            stage_working = max(working, loss_working_bytes(cfg, s, b, t))
+        acts = in_flight * layers * stored_layer + head + stage_working
+        grads = n * per_param[1]
+        if transient_grads:
+            acts, grads = backward_peak(layers, stored_layer, head, working, stage_working,
+                                        layer_n * per_param[1], (n - layers * layer_n) * per_param[1])
+        mem = {"params": n * per_param[0], "grads": grads, "optimizer": n * per_param[2], "activations": acts}
         # the optimizer step runs after the backward has freed the activations: only its excess shows
         mem["optimizer_step"] = max(0.0, optimizer_temp_bytes(n, lay.sharded_optimizer, lay.dp) - acts)
         if lay.dp > 1 and m > 1 and p == 1 and not lay.sharded_optimizer:   # DDP accumulating: a 2nd gradient copy
             mem["accumulation"] = n * ACCUMULATION_GRAD_BYTES
-        mem["allocator"] = hw.allocator_overhead * sum(mem.values())
+        mem["allocator"] = (hw.allocator_overhead * sum(mem.values()) + hw.allocator_retained_gib * GIB
+                            + (hw.allocator_grad_churn * n * per_param[1] if grads_freed_each_step(lay) else 0.0))
         mem["runtime"] = hw.runtime_overhead_bytes
         stages.append(mem)
     memory = max(stages, key=lambda x: sum(x.values()))

@@ -36,6 +36,11 @@ class HardwareProfile:
     allocator_overhead: float = 0.0      # memory the allocator holds beyond the live tensors, as a share of them
                                          # (CPU: freed blocks glibc malloc keeps resident; GPUs: see
                                          # cost_model.MEMORY_HEADROOM)
+    allocator_retained_gib: float = 0.0  # per device, heap the allocator keeps resident beyond the live tensors
+                                         # whatever the model (CPU: glibc's high-water mark of transient buffers)
+    allocator_grad_churn: float = 0.0    # extra resident memory, as a share of the gradients, when gradients are
+                                         # freed after every step and allocated anew in the next backward (CPU:
+                                         # the new ones land beside the activations' freed blocks)
     elementwise_passes: float | None = None  # None: cost_model.ELEMENTWISE_PASSES (fused GPU kernels)
     optimizer_passes: float = 2.0        # times the optimizer step reads or writes each byte of the device's
                                          # parameter, gradient and optimizer state (fused Adam: read + write)
