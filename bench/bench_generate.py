@@ -344,13 +344,8 @@ def server_table(path, specs, levels, new, quick, wait_idle, attempts=3) -> list
                              f"{r['p50']:.2f} | {r['p90']:.2f} | {r['ttft'] * 1e3:.0f} | {batch:.1f} | {busy:.2f} |")
                 print(lines[-1], flush=True)
         finally:
-            import signal
-            try:
-                os.killpg(proc.pid, signal.SIGTERM)
-                proc.wait(30)
-            except (ProcessLookupError, subprocess.TimeoutExpired):
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
+            from common import stop_process_group
+            stop_process_group(proc)
     return lines
 
 

@@ -381,3 +381,19 @@ def write_report(path: str, title: str, command: str, text: str) -> None:
     with open(path, "w") as f:
         f.write(f"# {title}\n\nCommand: `{command}`\n\n{text}\n")
     print(f"\nwritten to {path}")
+
+
+def stop_process_group(proc) -> None:
+    """Stop a server started in its own process group (`start_new_session=True`) and every rank it started:
+    SIGTERM, then SIGKILL if it has not exited within 30 s."""
+    import signal
+    import subprocess
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(30)
+    except (ProcessLookupError, subprocess.TimeoutExpired):
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        proc.wait()

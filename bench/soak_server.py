@@ -19,7 +19,6 @@ import argparse
 import json
 import os
 import random
-import signal
 import subprocess
 import sys
 import tempfile
@@ -28,6 +27,9 @@ import time
 from collections import Counter
 
 import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import stop_process_group  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SERVE = ("import sys, argparse; from meshtron.cli import serve as s; p = argparse.ArgumentParser(); "
@@ -311,12 +313,7 @@ def main() -> int:
                       p50=lat[len(lat) // 2] if lat else float("nan"),
                       p99=lat[min(len(lat) - 1, int(0.99 * len(lat)))] if lat else float("nan"))
     finally:
-        try:
-            os.killpg(proc.pid, signal.SIGTERM)
-            proc.wait(30)
-        except (ProcessLookupError, subprocess.TimeoutExpired):
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+        stop_process_group(proc)
     r = result
     ok = (r["failed"] == 0 and r["good"] > 0 and r["growth"] < args.max_rss_growth_mb and r["health"] == 200
           and not r["fuzz_failures"])

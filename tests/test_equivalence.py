@@ -55,6 +55,25 @@ def train_and_record(config, mesh_spec, rules=None, opt=None):
     return (losses, grads, params) if mesh.rank == 0 else None
 
 
+def train_save_resume(config, mesh_spec, root, steps, resume_from=None, rules=None, opt=None, virtual_stages=1):
+    """Train `steps` steps of `batches` (after resuming from the checkpoint `resume_from`, optimizer included,
+    if given) and save at the end. Returns (per-step losses, checkpoint path): the resharding tests' run."""
+    from meshtron import checkpoint
+    mesh = Mesh.from_spec(mesh_spec)
+    model = build_model(config, mesh, rules, seed=7, virtual_stages=virtual_stages)
+    trainer = TrainStep(model, mesh, **(opt or OPT))
+    start = 0
+    if resume_from:
+        checkpoint.load_checkpoint(resume_from, model, mesh, trainer.optimizer)
+        start = checkpoint.read_meta(resume_from)["step"]
+    losses = []
+    for step, batch in list(enumerate(batches(config.vocab_size)))[start:start + steps]:
+        model.rng.reseed(step)
+        losses.append(trainer.step(local_rows(batch, trainer.batch_axis))["loss"])
+    path = checkpoint.save_checkpoint(root, start + steps, model, mesh, trainer.optimizer, meta={"model": {}})
+    return losses, path
+
+
 _REFS = {}
 
 

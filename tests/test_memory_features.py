@@ -13,7 +13,8 @@ from meshtron.mesh import Mesh
 from meshtron.models import ModelConfig, build_model
 from meshtron.train.step import TrainStep, local_rows
 
-from test_equivalence import CONFIGS, OPT, assert_same, reference, train_and_record, world_of
+from test_equivalence import (CONFIGS, OPT, assert_same, reference, train_and_record, train_save_resume,
+                              world_of)
 
 SP = "batch:batch;heads:model;d_ff:model;vocab:model;seq:model"
 SP_VOCAB_REPLICATED = "batch:batch;heads:model;d_ff:model;seq:model"
@@ -149,22 +150,7 @@ def test_zero1_sends_one_reduce_scatter_of_gradients_and_one_all_gather_of_param
 
 def _train_save_resume(mesh_spec, zero, root, steps, resume_from=None, rules=None):
     """Train `steps` steps (after resuming from `resume_from` if given), saving at the end; losses logged."""
-    from meshtron import checkpoint
-    from test_equivalence import batches
-    config = CONFIGS["gpt"]
-    mesh = Mesh.from_spec(mesh_spec)
-    model = build_model(config, mesh, rules, seed=7)
-    trainer = TrainStep(model, mesh, **{**OPT, "zero": zero})
-    start = 0
-    if resume_from:
-        checkpoint.load_checkpoint(resume_from, model, mesh, trainer.optimizer)
-        start = checkpoint.read_meta(resume_from)["step"]
-    losses = []
-    for step, batch in list(enumerate(batches(config.vocab_size)))[start:start + steps]:
-        model.rng.reseed(step)
-        losses.append(trainer.step(local_rows(batch, trainer.batch_axis))["loss"])
-    path = checkpoint.save_checkpoint(root, start + steps, model, mesh, trainer.optimizer, meta={"model": {}})
-    return losses, path
+    return train_save_resume(CONFIGS["gpt"], mesh_spec, root, steps, resume_from, rules, {**OPT, "zero": zero})
 
 
 @pytest.mark.parametrize("first, second", [(("batch:2,model:2", 1), ("model:4", 0)),

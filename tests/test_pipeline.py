@@ -12,7 +12,7 @@ from meshtron.parallel.sharding import full_state_dict
 from meshtron.pipeline import schedule as S
 from meshtron.train.step import TrainStep, local_rows
 
-from test_equivalence import CONFIGS, OPT, assert_same, batches, world_of
+from test_equivalence import CONFIGS, OPT, assert_same, batches, train_save_resume, world_of
 
 MICRO = 4
 PIPE_OPT = {**OPT, "micro_batches": MICRO}
@@ -200,21 +200,8 @@ def test_pipe_batch_model_8_ranks_interleaved():
 # ---- checkpoints ----------------------------------------------------------------------------------------------
 
 def _train_save_resume(mesh_spec, root, steps, resume_from=None, opt=None, chunks=1):
-    from meshtron import checkpoint
-    config = CONFIGS["gpt"].replace(n_layer=4)
-    mesh = Mesh.from_spec(mesh_spec)
-    model = build_model(config, mesh, seed=7, virtual_stages=chunks)
-    trainer = TrainStep(model, mesh, **{**PIPE_OPT, **(opt or {})})
-    start = 0
-    if resume_from:
-        checkpoint.load_checkpoint(resume_from, model, mesh, trainer.optimizer)
-        start = checkpoint.read_meta(resume_from)["step"]
-    losses = []
-    for step, batch in list(enumerate(batches(config.vocab_size)))[start:start + steps]:
-        model.rng.reseed(step)
-        losses.append(trainer.step(local_rows(batch, trainer.batch_axis))["loss"])
-    path = checkpoint.save_checkpoint(root, start + steps, model, mesh, trainer.optimizer, meta={"model": {}})
-    return losses, path
+    return train_save_resume(CONFIGS["gpt"].replace(n_layer=4), mesh_spec, root, steps, resume_from,
+                             opt={**PIPE_OPT, **(opt or {})}, virtual_stages=chunks)
 
 
 @pytest.mark.parametrize("first, second", [
