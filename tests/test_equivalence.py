@@ -140,9 +140,11 @@ def test_bf16_autocast_with_dropout_equals_single_process():
     under the same autocast. bf16 keeps 8 mantissa bits, and the model axis splits each GEMM's reduction (and the
     row-parallel partial sums are rounded to bf16 before the all-reduce), so results agree to bf16 precision,
     not float32's: per step the loss to 1e-2 relative, each gradient to 5% of its tensor's norm, and each
-    parameter update to 5% of its norm plus 2% of the step's largest update per element (Adam turns the
-    rounding noise of GPT-2's key-bias gradient, zero in exact arithmetic, into updates of any sign). A wrong
-    mask or layer is off by O(1) of the norm."""
+    parameter update to 10% of its norm plus 2% of the step's largest update per element (Adam turns the
+    rounding noise of GPT-2's key-bias gradient, zero in exact arithmetic, into updates of any sign, and
+    amplifies it where a gradient element is small: on a CPU with native bf16 GEMMs (AVX512-BF16) a row-parallel
+    bias whose gradient agreed to 0.8% was updated 8.7% apart by the third step). A wrong mask or layer is off
+    by O(1) of the norm."""
     opt = {**OPT, "bf16": True}
     ref_losses, ref_grads, ref_params = reference(GPT, opt)
     losses, grads, params = run_ranks(train_and_record, 4, GPT, "batch:2,model:2", None, opt)[0]
@@ -158,7 +160,7 @@ def test_bf16_autocast_with_dropout_equals_single_process():
             assert (g - r).norm() <= 5e-2 * r.norm() + 1e-6, (step, name, ((g - r).norm() / r.norm()).item())
             du, dr = params[step][name] - before[name], updates[name]
             floor = 2e-2 * largest * dr.numel() ** 0.5
-            assert (du - dr).norm() <= 5e-2 * dr.norm() + floor, (step, name, (du - dr).norm().item(), floor)
+            assert (du - dr).norm() <= 1e-1 * dr.norm() + floor, (step, name, (du - dr).norm().item(), floor)
             worst["grad"] = max(worst["grad"], ((g - r).norm() / r.norm().clamp(min=1e-6)).item())
             worst["update"] = max(worst["update"], ((du - dr).norm() / (dr.norm() + floor)).item())
     print("bf16 relative errors:", worst)
