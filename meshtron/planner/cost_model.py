@@ -213,18 +213,16 @@ def optimizer_temp_bytes(n_params: float, sharded: bool, dp: int) -> float:
     return n_params * ADAM_TEMP_BYTES / (dp if sharded else 1)
 
 
-def grads_allocated_in_backward(dp: int, micro_batches: int, sharded: bool) -> bool:
-    """Whether gradients exist only from the backward on: meshtron's TrainStep sets them to None after each
-    step, so they are allocated layer by layer as the backward reaches each parameter, unless DDP's buckets
-    (dp > 1, gradient_as_bucket_view), the distributed optimizer's buckets, or accumulation over micro-batches
-    keep them alive all step."""
-    return dp == 1 and micro_batches == 1 and not sharded
-
-
 def grads_freed_each_step(lay: ParallelLayout) -> bool:
     """Whether TrainStep frees the gradients after each step (set_to_none) and allocates them again in the next
-    backward: unless DDP's buckets (dp > 1) or the distributed optimizer's hold them."""
+    backward: unless DDP's buckets (dp > 1, gradient_as_bucket_view) or the distributed optimizer's hold them."""
     return lay.dp == 1 and not lay.sharded_optimizer
+
+
+def grads_allocated_in_backward(lay: ParallelLayout, micro_batches: int) -> bool:
+    """Whether gradients exist only from the backward on, layer by layer as it reaches each parameter: they are
+    freed each step and, with one micro-batch, no earlier micro-batch's backward has allocated them."""
+    return grads_freed_each_step(lay) and micro_batches == 1
 
 
 def backward_peak(layers: int, stored_layer: float, head: float, working: float, forward_working: float,
@@ -416,7 +414,7 @@ def predict_memory(cfg: ModelConfig, lay: ParallelLayout, hw: HardwareProfile, g
     layer_n = split / t + replicated
     # gradients that exist all step (DDP's buckets, the distributed optimizer's, accumulation over micro-batches)
     # or only from the backward on: meshtron's TrainStep sets them to None after each step
-    transient_grads = grads_allocated_in_backward(lay.dp, m, lay.sharded_optimizer)
+    transient_grads = grads_allocated_in_backward(lay, m)
     stages = []
     for stage, in_flight in (("first", in_flight_microbatches(p, m, lay.virtual_stages)), ("last", 1)):
         n = stage_params(cfg, t, p, stage)
