@@ -1,18 +1,19 @@
 """What dropout costs in a training step: masks keyed by logical position against no dropout.
 
-    .venv/bin/python bench/bench_dropout.py            # about 2 minutes
+    .venv/bin/python bench/bench_dropout.py            # about 4 minutes
     .venv/bin/python bench/bench_dropout.py --quick
 
-For the bench GPT (h256 L4 s128, batch 8, 1 thread per rank) on `model:1` and `model:2`, three variants train
-in alternating blocks in one run:
+For the two bench_tp GPTs (h256 L4 s128 and h512 L8 s256, batch 8, 1 thread per rank) on `model:1` and
+`model:2`, three variants train in alternating blocks in one run:
   none     dropout 0: attention through `scaled_dot_product_attention`
-  dropout  dropout 0.1 on the embedding, attention probabilities and both residual branches (explicit attention,
-           masks drawn from the counter-based generator)
+  dropout  dropout 0.1 on the embedding, attention probabilities and both residual branches (meshtron's dropout
+           attention, masks drawn from the counter-based generator)
   cached   dropout 0.1 with every mask drawn once and replayed: the same work minus drawing masks
 The table gives median ms per step; "masks" = (dropout - cached) / dropout is the share of the step spent
 drawing masks, "dropout" = dropout / none - 1 is the whole cost of dropout (drawing, applying, and the
-explicit attention that dropout on probabilities needs). Also: attention alone, explicit vs
-`scaled_dot_product_attention`, forward + backward, without dropout.
+explicit attention that dropout on probabilities needs). Also: attention alone, forward + backward:
+meshtron's dropout attention (mask given), the unfused composition of PyTorch ops, and
+`scaled_dot_product_attention` without dropout.
 """
 from __future__ import annotations
 
@@ -27,14 +28,20 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 VARIANTS = ("none", "dropout", "cached")
 
 
-def worker(mesh_spec: str, blocks: int, steps: int) -> dict:
+MODELS = {   # name: (config overrides of gpt-small-bench, sequence length, blocks, steps per block) for full runs
+    "GPT h256 L4 s128": (dict(), 128, 7, 4),
+    "GPT h512 L8 s256": (dict(d_model=512, n_layer=8, n_head=8, max_seq_len=256), 256, 4, 1),
+}
+
+
+def worker(mesh_spec: str, overrides: dict, seq: int, blocks: int, steps: int) -> dict:
     import torch
     import meshtron
     from meshtron.models import build_model, get_preset
     from meshtron.train.step import TrainStep, local_rows
     mesh = meshtron.Mesh.from_spec(mesh_spec)
-    base = get_preset("gpt-small-bench")
-    data = torch.randint(0, base.vocab_size, (8, 129), generator=torch.Generator().manual_seed(0))
+    base = get_preset("gpt-small-bench").replace(**overrides)
+    data = torch.randint(0, base.vocab_size, (8, seq + 1), generator=torch.Generator().manual_seed(0))
     trainers = {}
     for name in VARIANTS:
         model = build_model(base.replace(dropout=0.0 if name == "none" else 0.1), mesh, seed=0)
@@ -61,23 +68,28 @@ def worker(mesh_spec: str, blocks: int, steps: int) -> dict:
     return {n: statistics.median(v) * 1e3 for n, v in times.items()}
 
 
-def attention_only(repeats: int) -> tuple[float, float]:
-    """ms for forward + backward of causal attention (B 8, 4 heads, T 128, head 64): explicit vs sdpa."""
+def attention_only(repeats: int) -> dict:
+    """ms for forward + backward of causal attention (B 8, 4 heads, T 128, head 64, 1 thread)."""
     import math
     import torch
     import torch.nn.functional as F
+    from meshtron.parallel.attention import _DroppedAttention
     torch.set_num_threads(1)
     q, k, v = (torch.randn(8, 4, 128, 64, requires_grad=True) for _ in range(3))
-    mask = torch.ones(128, 128, dtype=torch.bool).tril()
+    causal = torch.ones(128, 128, dtype=torch.bool).tril()
+    keep = torch.rand(8, 4, 128, 128, generator=torch.Generator().manual_seed(0)) >= 0.1
 
-    def explicit():
-        att = (q @ k.transpose(-2, -1)) / math.sqrt(64)
-        return att.masked_fill(~mask, float("-inf")).softmax(-1) @ v
+    def unfused():
+        att = ((q @ k.transpose(-2, -1)) / math.sqrt(64)).masked_fill(~causal, float("-inf")).softmax(-1)
+        return (att * keep.view(torch.uint8).to(att.dtype) / 0.9) @ v
+
+    def meshtrons():
+        return _DroppedAttention.apply(q, k, v, keep, 1 / 0.9, 1 / math.sqrt(64))
 
     def fused():
         return F.scaled_dot_product_attention(q, k, v, is_causal=True)
     out = {}
-    for name, fn in (("explicit", explicit), ("sdpa", fused)):
+    for name, fn in (("meshtron", meshtrons), ("unfused", unfused), ("sdpa", fused)):
         best = []
         for _ in range(repeats):
             t0 = time.perf_counter()
@@ -85,7 +97,7 @@ def attention_only(repeats: int) -> tuple[float, float]:
                 fn().sum().backward()
             best.append((time.perf_counter() - t0) / 10 * 1e3)
         out[name] = statistics.median(best)
-    return out["explicit"], out["sdpa"]
+    return out
 
 
 def main() -> None:
@@ -93,20 +105,23 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="fewer blocks (noisier)")
     args = ap.parse_args()
     from meshtron.launch import run_ranks
-    blocks, steps = (3, 3) if args.quick else (7, 4)
     rows = []
-    for mesh_spec, world in (("model:1", 1), ("model:2", 2)):
-        r = run_ranks(worker, world, mesh_spec, blocks, steps, threads_per_rank=1)[0]
-        rows.append((mesh_spec, r))
-    explicit, sdpa = attention_only(5 if args.quick else 9)
-    lines = ["| mesh | no dropout ms | dropout 0.1 ms | masks replayed ms | masks share | dropout cost |",
-             "|---|---|---|---|---|---|"]
-    for mesh_spec, r in rows:
-        lines.append(f"| `{mesh_spec}` | {r['none']:.1f} | {r['dropout']:.1f} | {r['cached']:.1f} | "
+    for model, (overrides, seq, blocks, steps) in MODELS.items():
+        if args.quick:
+            blocks, steps = max(2, blocks // 2), max(1, steps - 1)
+        for mesh_spec, world in (("model:1", 1), ("model:2", 2)):
+            r = run_ranks(worker, world, mesh_spec, overrides, seq, blocks, steps, threads_per_rank=1)[0]
+            rows.append((model, mesh_spec, r))
+    attn = attention_only(5 if args.quick else 9)
+    lines = ["| model | mesh | no dropout ms | dropout 0.1 ms | masks replayed ms | masks share | dropout cost |",
+             "|---|---|---|---|---|---|---|"]
+    for model, mesh_spec, r in rows:
+        lines.append(f"| {model} | `{mesh_spec}` | {r['none']:.1f} | {r['dropout']:.1f} | {r['cached']:.1f} | "
                      f"{(r['dropout'] - r['cached']) / r['dropout']:+.1%} | {r['dropout'] / r['none'] - 1:+.1%} |")
     lines.append("")
-    lines.append(f"Attention alone (B 8, 4 heads, T 128, head 64, forward + backward, 1 thread): explicit "
-                 f"{explicit:.2f} ms, scaled_dot_product_attention {sdpa:.2f} ms.")
+    lines.append(f"Attention alone (B 8, 4 heads, T 128, head 64, forward + backward, 1 thread): meshtron's dropout "
+                 f"attention {attn['meshtron']:.2f} ms, the unfused PyTorch composition {attn['unfused']:.2f} ms, "
+                 f"scaled_dot_product_attention (no dropout) {attn['sdpa']:.2f} ms.")
     text = "\n".join(lines)
     from common import write_report
     write_report(os.path.join(os.path.dirname(__file__), "results", "dropout.md"), "Dropout's cost per step",

@@ -210,3 +210,41 @@ def test_frozen_column_weights_get_no_gradient_and_the_input_still_does():
     assert all(layer.weight.grad is None for layer in layers)
     assert all(layer.bias.grad is not None for layer in layers)
     torch.testing.assert_close(x.grad, (layers[0].weight.sum(0) + 2 * layers[1].weight.sum(0)).expand(3, 8))
+
+
+def _unfused_dropped_attention(q, k, v, keep, p):
+    import math
+    rep = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1)
+    T = q.shape[-2]
+    att = (q @ k.transpose(-2, -1)) / math.sqrt(q.shape[-1])
+    att = att.masked_fill(~torch.ones(T, T, dtype=torch.bool).tril(), float("-inf")).softmax(-1)
+    return (att * keep / (1 - p)) @ v
+
+
+def test_dropped_attention_equals_the_unfused_composition():
+    """meshtron's dropout attention (one autograd Function that keeps probabilities and mask only) against the
+    PyTorch ops it replaces, in float64: output and the q, k, v gradients to rounding, with as many kv heads as
+    query heads and grouped (3 query heads per kv head); under bf16 it runs and keeps bf16 probabilities."""
+    import math
+    from meshtron.parallel.attention import _DroppedAttention
+    g = torch.Generator().manual_seed(0)
+    for kv in (6, 2):
+        q = torch.randn(2, 6, 9, 8, dtype=torch.float64, generator=g, requires_grad=True)
+        k, v = (torch.randn(2, kv, 9, 8, dtype=torch.float64, generator=g, requires_grad=True) for _ in range(2))
+        keep = torch.rand(2, 6, 9, 9, generator=g) >= 0.3
+        ref = _unfused_dropped_attention(q, k, v, keep, 0.3)
+        out = _DroppedAttention.apply(q, k, v, keep, 1 / 0.7, 1 / math.sqrt(8))
+        torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
+        grad = torch.randn(ref.shape, dtype=torch.float64, generator=g)
+        for a, b in zip(torch.autograd.grad(out, (q, k, v), grad), torch.autograd.grad(ref, (q, k, v), grad)):
+            torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    kept = []
+    q16, k16, v16 = (t.detach().bfloat16().requires_grad_() for t in (q, k, v))
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: kept.append((t.dtype, tuple(t.shape))) or t, lambda t: t):
+        out = _DroppedAttention.apply(q16, k16, v16, keep, 1 / 0.7, 1 / math.sqrt(8))
+    assert out.dtype == torch.bfloat16 and (torch.bfloat16, (12, 9, 9)) in kept and (torch.uint8, (12, 9, 9)) in kept
+    ref = _unfused_dropped_attention(q.detach(), k.detach(), v.detach(), keep, 0.3)
+    assert (out.double() - ref).abs().max() < 0.05 * ref.abs().max()
+    out.sum().backward()
+    assert all(t.grad is not None and t.grad.dtype == torch.bfloat16 for t in (q16, k16, v16))

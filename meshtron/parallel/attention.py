@@ -22,7 +22,7 @@ from torch.utils.checkpoint import checkpoint
 
 from meshtron.mesh import MeshAxis
 from meshtron.parallel.linear import ColumnParallelLinear, RowParallelLinear, column_parallel_group
-from meshtron.parallel.random import ATTENTION_PROBS, DropoutRNG, dropout
+from meshtron.parallel.random import ATTENTION_PROBS, DropoutRNG
 from meshtron.parallel.rotary import Rotary
 
 
@@ -86,16 +86,69 @@ class ParallelAttention(nn.Module):
     def _core_attention(self, q, k, v, position):
         """Scores, softmax, dropout and the probability-weighted values: the s² part of attention. `position` is the
         dropout position captured at the forward, so a recomputation draws the same mask."""
-        gqa = self.n_kv_local != self.n_local
-        # dropout on attention probabilities (B, h_local, T, T): this rank's heads of the logical mask
-        if gqa:
-            rep = self.n_local // self.n_kv_local
-            k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
         T = q.shape[-2]
-        att = (q @ k.transpose(-2, -1)) / math.sqrt(self.head_dim)
-        mask = torch.ones(T, T, dtype=torch.bool, device=q.device).tril()
-        att = att.masked_fill(~mask, float("-inf")).softmax(dim=-1)
+        # dropout on attention probabilities (B, h_local, T, T): this rank's heads of the logical mask
         head0 = self.axis.coord * self.n_local
-        att = dropout(att, self.dropout_p, self.rng, self.layer, ATTENTION_PROBS, True,
-                      offsets=(head0, 0, 0), full=(self.n_head, T, T), position=position)
-        return att @ v
+        keep = self.rng.mask(self.layer, ATTENTION_PROBS, (q.shape[0], self.n_local, T, T), (head0, 0, 0),
+                             (self.n_head, T, T), self.dropout_p, q.device, position)
+        return _DroppedAttention.apply(q, k, v, keep, 1.0 / (1.0 - self.dropout_p), 1.0 / math.sqrt(self.head_dim))
+
+
+def _causal_bias(T: int, dtype: torch.dtype, device) -> torch.Tensor:
+    """(T, T): 0 on and below the diagonal, -inf above (a key after the query is never attended)."""
+    return torch.full((T, T), float("-inf"), dtype=dtype, device=device).triu_(1)
+
+
+class _DroppedAttention(torch.autograd.Function):
+    """Causal attention with dropout on its probabilities, y = (softmax(q·kᵀ·c + causal) ⊙ keep)·v / (1 - p),
+    in the inputs' dtype (a 16-bit softmax in float32); k and v may have fewer heads than q (grouped-query: each
+    serves h/kv consecutive query heads). Saves q, k, v (not their per-query-head repeats), the probabilities
+    and the one-byte mask; the dropped probabilities are recomputed in backward from those two (one multiply),
+    so per a·s² it keeps e + m bytes, not autograd's 2·e + m (probabilities and their dropped copy). The
+    1/(1 - p) and c scales are applied to s·d-sized tensors, never to an s² one. Invariant: the arithmetic of
+    the unfused composition, so outputs and gradients agree with it to rounding (tests/test_layers.py)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, keep, keep_scale, score_scale):
+        B, h, T, d = q.shape
+        k, v = k.contiguous(), v.contiguous()        # views of the Q|K|V output: saved as their own copies
+        q3, k3, v3 = q.reshape(B * h, T, d), _per_query_head(k, h), _per_query_head(v, h)
+        bias = _causal_bias(T, q.dtype, q.device).expand(B * h, T, T)
+        probs = torch.baddbmm(bias, q3, k3.transpose(1, 2), alpha=score_scale)
+        low = q.dtype in (torch.float16, torch.bfloat16)
+        probs = torch.softmax(probs, -1, dtype=torch.float32 if low else q.dtype).to(q.dtype)
+        keep = keep.view(torch.uint8).reshape(B * h, T, T)
+        y = torch.bmm(probs * keep.to(q.dtype), v3).mul_(keep_scale)
+        ctx.save_for_backward(q3, k, v, probs, keep)
+        ctx.keep_scale, ctx.score_scale = keep_scale, score_scale
+        return y.view(B, h, T, d)
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        q3, k, v, probs, keep = ctx.saved_tensors
+        shape, kv_shape = grad_y.shape, k.shape
+        B_h, T, d = q3.shape
+        k3, v3 = _per_query_head(k, shape[1]), _per_query_head(v, shape[1])
+        gy = grad_y.reshape(B_h, T, d).to(q3.dtype) * ctx.keep_scale
+        keep = keep.to(q3.dtype)
+        grad_v = torch.bmm((probs * keep).transpose(1, 2), gy)
+        grad_p = torch.bmm(gy, v3.transpose(1, 2)).mul_(keep)
+        grad_s = torch._softmax_backward_data(grad_p, probs, -1, probs.dtype)
+        grad_q = torch.bmm(grad_s, k3).mul_(ctx.score_scale)
+        grad_k = torch.bmm(grad_s.transpose(1, 2), q3).mul_(ctx.score_scale)
+        return (grad_q.view(shape), _sum_query_heads(grad_k, kv_shape), _sum_query_heads(grad_v, kv_shape),
+                None, None, None)
+
+
+def _per_query_head(t: torch.Tensor, h: int) -> torch.Tensor:
+    """(B, kv, T, d) -> (B·h, T, d): kv head j repeated for its h/kv consecutive query heads."""
+    B, kv, T, d = t.shape
+    if kv != h:
+        t = t.repeat_interleave(h // kv, dim=1)
+    return t.reshape(B * h, T, d)
+
+
+def _sum_query_heads(g: torch.Tensor, kv_shape) -> torch.Tensor:
+    """The gradient (B·h, T, d) of a per-query-head repeat, summed back onto its (B, kv, T, d) kv heads."""
+    B, kv, T, d = kv_shape
+    return g.view(kv_shape) if g.shape[0] == B * kv else g.view(B, kv, -1, T, d).sum(2)

@@ -152,20 +152,26 @@ class DropoutRNG:
 
 
 class _Dropout(torch.autograd.Function):
-    """y = x * mask / (1 - p); saves only the one-byte mask for backward. (Multiplying by the mask viewed as
-    uint8 takes a vectorised path that a bool operand does not: 4x faster on this CPU.)"""
+    """y = x * mask / (1 - p); saves only the one-byte mask for backward. The mask is converted to x's dtype
+    before it multiplies: a product of mixed dtypes takes PyTorch's casting, unvectorised loop on CPU (measured
+    1.1 ms against 0.44 ms for the convert-then-multiply on a 2 MiB float32 block)."""
 
     @staticmethod
     def forward(ctx, x, mask, scale):
-        keep = mask.view(torch.uint8)
-        ctx.save_for_backward(keep)
+        ctx.save_for_backward(mask)
         ctx.scale = scale
-        return torch.mul(x, keep).mul_(scale)
+        return apply_mask(x, mask, scale)
 
     @staticmethod
     def backward(ctx, grad):
-        (keep,) = ctx.saved_tensors
-        return torch.mul(grad, keep).mul_(ctx.scale), None, None
+        (mask,) = ctx.saved_tensors
+        return apply_mask(grad, mask, ctx.scale), None, None
+
+
+def apply_mask(x: torch.Tensor, mask: torch.Tensor, scale: float) -> torch.Tensor:
+    """x * mask * scale, in x's dtype, as two same-dtype passes after one conversion of the mask (from its bytes:
+    PyTorch converts uint8 to float 4x faster than bool)."""
+    return torch.mul(x, mask.view(torch.uint8).to(x.dtype)).mul_(scale)
 
 
 def dropout(x: torch.Tensor, p: float, rng: DropoutRNG | None, layer: int, site: int, training: bool,

@@ -162,24 +162,32 @@ def layer_activation_bytes(cfg: ModelConfig, s: int, b: int, tp: int, sp: bool, 
     two norm inputs, the QKV and fc1 inputs, two dropout masks: 4·e + 2·m per s·b·h (Llama's RMSNorm as meshtron
     writes it also keeps its normalised input: 2·e more, NORM_STORED). Split: Q, K, V and the
     output-projection input, e·(2 + 2·kv/h), and the MLP's e·f/h per stored tensor (GELU: its input and fc2's,
-    2 x 4h; SwiGLU: gate, silu(gate), up and their product, 4 x f). Scores: softmax output, dropout mask and
-    output, (2·e + m) per a·s²·b. e=2, m=1, GPT gives 34 and 5. A fused attention kernel (FlashAttention, Dao
-    et al. 2022; PyTorch SDPA) stores no a·s² scores."""
+    2 x 4h; SwiGLU: gate, silu(gate), up and their product, 4 x f). Scores: the paper's softmax output, dropout
+    mask and dropout output, (2·e + m) per a·s²·b (e=2, m=1, GPT: 34 and 5); meshtron's dropout attention
+    (parallel/attention.py) recomputes the dropout output from the other two in backward, so it keeps (e + m).
+    A fused attention kernel (FlashAttention, Dao et al. 2022; PyTorch SDPA) stores no a·s² scores."""
     h, a, f = cfg.d_model, cfg.n_head, cfg.ffn_dim
     m = MASK_BYTES if dropout else 0
     mlp_tensors = 2 if cfg.family == "gpt" else 4
     replicated = 2 * (NORM_STORED[cfg.family] + 1) * elem + 2 * m
     split = elem * (2 + 2 * cfg.kv_heads / cfg.n_head) + elem * mlp_tensors * f / h
     per_sbh = (replicated + split) / tp if sp else replicated + split / tp
-    scores = 0.0 if fused_attention else (elem + (elem + m if dropout else 0)) * a * s / h / tp
+    scores = 0.0 if fused_attention else (elem + m) * a * s / h / tp
     return s * b * h * (per_sbh + scores)
 
 
 def score_bytes(cfg: ModelConfig, s: int, b: int, tp: int, elem: int, dropout: bool) -> float:
-    """The s² tensors explicit attention keeps (softmax output, dropout mask and output): what selective recompute
-    (Korthikanti et al. 2022, section 5) drops, (e + (e + m)·[dropout])·a·s²·b/t."""
+    """The s² tensors meshtron's explicit attention keeps (softmax output and dropout mask): what selective
+    recompute (Korthikanti et al. 2022, section 5) drops, (e + m·[dropout])·a·s²·b/t."""
     m = MASK_BYTES if dropout else 0
-    return (elem + (elem + m if dropout else 0)) * cfg.n_head * s * s * b / tp
+    return (elem + m) * cfg.n_head * s * s * b / tp
+
+
+def dropped_probs_bytes(cfg: ModelConfig, s: int, b: int, tp: int, elem: int, dropout: bool, fused: bool) -> float:
+    """The dropout output of the attention probabilities, e·a·s²·b/t: written and read in every pass though
+    meshtron's attention does not keep it, so the elementwise-time proxy (Korthikanti's byte count) adds it
+    back to what is stored."""
+    return elem * cfg.n_head * s * s * b / tp if dropout and not fused else 0.0
 
 
 def checkpoint_bytes(cfg: ModelConfig, s: int, b: int, tp: int, sp: bool, elem: int) -> float:
@@ -199,6 +207,12 @@ def head_activation_bytes(cfg: ModelConfig, s: int, b: int, tp: int, sp: bool, e
     cross-entropy keeps their softmax). Korthikanti et al. 2022 count only the logits (4.1.2)."""
     return ((NORM_STORED[cfg.family] + 1) * elem * s * b * cfg.d_model / (tp if sp else 1)
             + logits_bytes(cfg, s, b, tp))
+
+
+def embedding_activation_bytes(cfg: ModelConfig, s: int, b: int, tp: int, sp: bool, dropout: bool) -> float:
+    """What the first stage keeps besides its layers: the embedding dropout's mask, m·s·b·h (split over t with
+    sequence parallelism; Korthikanti et al. 2022, 4.1.2), nothing without dropout."""
+    return MASK_BYTES * s * b * cfg.d_model / (tp if sp else 1) if dropout else 0.0
 
 
 def loss_working_bytes(cfg: ModelConfig, s: int, b: int, tp: int) -> float:
@@ -418,10 +432,12 @@ def predict_memory(cfg: ModelConfig, lay: ParallelLayout, hw: HardwareProfile, g
     stages = []
     for stage, in_flight in (("first", in_flight_microbatches(p, m, lay.virtual_stages)), ("last", 1)):
         n = stage_params(cfg, t, p, stage)
-        head = 0.0
+        head = 0.0                  # besides the layers: the embedding's mask(s) on the first, the head on the last
+        if stage == "first" or p == 1:
+            head = in_flight * embedding_activation_bytes(cfg, s, b, t, lay.sequence_parallel, dropout)
         stage_working = working
         if stage == "last" or p == 1:
-            head = head_activation_bytes(cfg, s, b, t, lay.sequence_parallel, e)
+            head += head_activation_bytes(cfg, s, b, t, lay.sequence_parallel, e)
             stage_working = max(working, loss_working_bytes(cfg, s, b, t))
         acts = in_flight * layers * stored_layer + head + stage_working
         grads = n * per_param[1]
@@ -454,11 +470,13 @@ def predict_time(cfg: ModelConfig, lay: ParallelLayout, hw: HardwareProfile, glo
     pp_link = link(hw, crosses_nodes(t * d, p, lay.devices, per_node))
 
     passes = 4 if lay.recompute == "full" else 3          # forward, backward (2x forward), recomputed forward
-    full_layer = layer_activation_bytes(cfg, s, b, t, lay.sequence_parallel, e, cfg.dropout > 0, fused)
+    dropout = cfg.dropout > 0
+    dropped = dropped_probs_bytes(cfg, s, b, t, e, dropout, fused)
+    full_layer = layer_activation_bytes(cfg, s, b, t, lay.sequence_parallel, e, dropout, fused) + dropped
     layer_compute = passes * (layer_forward_flops(cfg, s, b) / t / flops_s
                               + elementwise_time(full_layer, mem_bw, hw.elementwise_passes))
     if lay.recompute == "selective" and not fused:         # the scores once more: QKᵀ, softmax, dropout, ·V
-        scores = score_bytes(cfg, s, b, t, e, cfg.dropout > 0)
+        scores = score_bytes(cfg, s, b, t, e, dropout) + dropped
         layer_compute += (attention_score_flops(cfg, s, b) / t / flops_s
                           + elementwise_time(scores, mem_bw, hw.elementwise_passes))
     act = s * b * cfg.d_model * e                          # one s·b·h activation
