@@ -11,8 +11,8 @@ For the two bench_tp GPTs (h256 L4 s128 and h512 L8 s256, batch 8, 1 thread per 
   cached   dropout 0.1 with every mask drawn once and replayed: the same work minus drawing masks
 The table gives median ms per step; "masks" = (dropout - cached) / dropout is the share of the step spent
 drawing masks, "dropout" = dropout / none - 1 is the whole cost of dropout (drawing, applying, and the
-explicit attention that dropout on probabilities needs). Also: attention alone, forward + backward:
-meshtron's dropout attention (mask given), the unfused composition of PyTorch ops, and
+explicit attention that dropout on probabilities needs). Also: attention alone at both models' shapes,
+forward + backward: meshtron's dropout attention (mask given), the unfused composition of PyTorch ops, and
 `scaled_dot_product_attention` without dropout.
 """
 from __future__ import annotations
@@ -68,23 +68,27 @@ def worker(mesh_spec: str, overrides: dict, seq: int, blocks: int, steps: int) -
     return {n: statistics.median(v) * 1e3 for n, v in times.items()}
 
 
-def attention_only(repeats: int) -> dict:
-    """ms for forward + backward of causal attention (B 8, 4 heads, T 128, head 64, 1 thread)."""
+ATTENTION_SHAPES = ((8, 4, 128, 64), (8, 8, 256, 64))   # (batch, heads, T, head dim): the two bench models'
+
+
+def attention_only(repeats: int, shape) -> dict:
+    """ms for forward + backward of causal attention of `shape` (1 thread)."""
     import math
     import torch
     import torch.nn.functional as F
     from meshtron.parallel.attention import _DroppedAttention
     torch.set_num_threads(1)
-    q, k, v = (torch.randn(8, 4, 128, 64, requires_grad=True) for _ in range(3))
-    causal = torch.ones(128, 128, dtype=torch.bool).tril()
-    keep = torch.rand(8, 4, 128, 128, generator=torch.Generator().manual_seed(0)) >= 0.1
+    B, h, T, d = shape
+    q, k, v = (torch.randn(B, h, T, d, requires_grad=True) for _ in range(3))
+    causal = torch.ones(T, T, dtype=torch.bool).tril()
+    keep = torch.rand(B, h, T, T, generator=torch.Generator().manual_seed(0)) >= 0.1
 
     def unfused():
-        att = ((q @ k.transpose(-2, -1)) / math.sqrt(64)).masked_fill(~causal, float("-inf")).softmax(-1)
+        att = ((q @ k.transpose(-2, -1)) / math.sqrt(d)).masked_fill(~causal, float("-inf")).softmax(-1)
         return (att * keep.view(torch.uint8).to(att.dtype) / 0.9) @ v
 
     def meshtrons():
-        return _DroppedAttention.apply(q, k, v, keep, 1 / 0.9, 1 / math.sqrt(64))
+        return _DroppedAttention.apply(q, k, v, keep, 1 / 0.9, 1 / math.sqrt(d))
 
     def fused():
         return F.scaled_dot_product_attention(q, k, v, is_causal=True)
@@ -93,9 +97,9 @@ def attention_only(repeats: int) -> dict:
         best = []
         for _ in range(repeats):
             t0 = time.perf_counter()
-            for _ in range(10):
+            for _ in range(3):
                 fn().sum().backward()
-            best.append((time.perf_counter() - t0) / 10 * 1e3)
+            best.append((time.perf_counter() - t0) / 3 * 1e3)
         out[name] = statistics.median(best)
     return out
 
@@ -112,16 +116,18 @@ def main() -> None:
         for mesh_spec, world in (("model:1", 1), ("model:2", 2)):
             r = run_ranks(worker, world, mesh_spec, overrides, seq, blocks, steps, threads_per_rank=1)[0]
             rows.append((model, mesh_spec, r))
-    attn = attention_only(5 if args.quick else 9)
     lines = ["| model | mesh | no dropout ms | dropout 0.1 ms | masks replayed ms | masks share | dropout cost |",
              "|---|---|---|---|---|---|---|"]
     for model, mesh_spec, r in rows:
         lines.append(f"| {model} | `{mesh_spec}` | {r['none']:.1f} | {r['dropout']:.1f} | {r['cached']:.1f} | "
                      f"{(r['dropout'] - r['cached']) / r['dropout']:+.1%} | {r['dropout'] / r['none'] - 1:+.1%} |")
-    lines.append("")
-    lines.append(f"Attention alone (B 8, 4 heads, T 128, head 64, forward + backward, 1 thread): meshtron's dropout "
-                 f"attention {attn['meshtron']:.2f} ms, the unfused PyTorch composition {attn['unfused']:.2f} ms, "
-                 f"scaled_dot_product_attention (no dropout) {attn['sdpa']:.2f} ms.")
+    lines += ["", "Attention alone, forward + backward, 1 thread, ms (median of repeats):", "",
+              "| B, heads, T, head dim | meshtron's dropout attention | the unfused PyTorch composition | "
+              "scaled_dot_product_attention, no dropout |", "|---|---|---|---|"]
+    for shape in ATTENTION_SHAPES:
+        attn = attention_only(5 if args.quick else 9, shape)
+        lines.append(f"| {', '.join(map(str, shape))} | {attn['meshtron']:.2f} | {attn['unfused']:.2f} | "
+                     f"{attn['sdpa']:.2f} |")
     text = "\n".join(lines)
     from common import write_report
     write_report(os.path.join(os.path.dirname(__file__), "results", "dropout.md"), "Dropout's cost per step",

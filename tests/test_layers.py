@@ -62,6 +62,19 @@ def test_dropout_mask_is_a_function_of_logical_position():
     assert torch.equal(rng.mask(2, MLP_OUT, (2, T, 16), p=0.3), resid[6:8])
 
 
+def test_dropout_mask_is_the_same_drawn_in_blocks(monkeypatch):
+    """Masks are drawn in cache-sized blocks of their leading dimensions: any block size gives the same mask."""
+    from meshtron.parallel import random as R
+    rng = DropoutRNG(seed=3)
+    whole = rng.mask(1, ATTENTION_PROBS, (3, 5, 7, 9), offsets=(1, 0, 0), full=(9, 7, 9), p=0.3)
+    for hashes in (1, 3, 20):
+        monkeypatch.setattr(R, "MASK_CHUNK_HASHES", hashes)
+        assert torch.equal(rng.mask(1, ATTENTION_PROBS, (3, 5, 7, 9), offsets=(1, 0, 0), full=(9, 7, 9), p=0.3),
+                           whole)
+    monkeypatch.setattr(R, "MASK_CHUNK_HASHES", 1 << 40)
+    assert torch.equal(rng.mask(1, ATTENTION_PROBS, (3, 5, 7, 9), offsets=(1, 0, 0), full=(9, 7, 9), p=0.3), whole)
+
+
 def test_dropout_masks_differ_by_row_step_layer_and_site():
     rng = DropoutRNG(seed=3)
     m = rng.mask(0, MLP_OUT, (4, 16, 32), p=0.5)
@@ -222,14 +235,17 @@ def _unfused_dropped_attention(q, k, v, keep, p):
     return (att * keep / (1 - p)) @ v
 
 
-def test_dropped_attention_equals_the_unfused_composition():
+def test_dropped_attention_equals_the_unfused_composition(monkeypatch):
     """meshtron's dropout attention (one autograd Function that keeps probabilities and mask only) against the
     PyTorch ops it replaces, in float64: output and the q, k, v gradients to rounding, with as many kv heads as
     query heads and grouped (3 query heads per kv head); under bf16 it runs and keeps bf16 probabilities."""
     import math
     from meshtron.parallel.attention import _DroppedAttention
+    from meshtron.parallel import attention
     g = torch.Generator().manual_seed(0)
-    for kv in (6, 2):
+    # whole (one chunk), chunks of 3 heads (9·9·8 bytes each), chunks of 2 query rows (score rows of 72 bytes)
+    for kv, chunk in ((6, attention.CHUNK_BYTES), (2, attention.CHUNK_BYTES), (6, 3 * 648), (2, 150)):
+        monkeypatch.setattr(attention, "CHUNK_BYTES", chunk)
         q = torch.randn(2, 6, 9, 8, dtype=torch.float64, generator=g, requires_grad=True)
         k, v = (torch.randn(2, kv, 9, 8, dtype=torch.float64, generator=g, requires_grad=True) for _ in range(2))
         keep = torch.rand(2, 6, 9, 9, generator=g) >= 0.3
@@ -239,6 +255,7 @@ def test_dropped_attention_equals_the_unfused_composition():
         grad = torch.randn(ref.shape, dtype=torch.float64, generator=g)
         for a, b in zip(torch.autograd.grad(out, (q, k, v), grad), torch.autograd.grad(ref, (q, k, v), grad)):
             torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    monkeypatch.undo()
     kept = []
     q16, k16, v16 = (t.detach().bfloat16().requires_grad_() for t in (q, k, v))
     with torch.autograd.graph.saved_tensors_hooks(lambda t: kept.append((t.dtype, tuple(t.shape))) or t, lambda t: t):
