@@ -551,3 +551,18 @@ def test_sigterm_stops_every_rank(server):   # last: it stops the module's serve
         pytest.fail("a rank outlived the server")
     with pytest.raises(httpx.HTTPError):
         httpx.get(url + "/health", timeout=2)
+
+
+def test_control_messages_are_json_data_and_round_trip():
+    """Rank 0's WORK messages to the other ranks are JSON (nothing they read can run code) and decode to equal
+    requests: every sampling field, stop strings, integer logit_bias keys, shared-prefill keys, aborts."""
+    from meshtron.inference import Request, SamplingParams
+    from meshtron.serve.scheduler import decode_work, encode_work
+    add = [Request("r-0-0", [5, 1, 9], SamplingParams(7, 0.7, 3, 0.9, 2**62, ("\n\n", "END"), True, 2, 1, 0.5,
+                                                     0.25, 1.1, {50256: -100.0, 3: 2.5}, 2), share="r-0"),
+           Request("r-1-0", [4], SamplingParams())]
+    text = encode_work(add, ["q-0-0"])
+    json.loads(text)
+    msg = decode_work(text)
+    assert msg["add"] == add and msg["abort"] == ["q-0-0"]
+    assert msg["add"][0].params.logit_bias == {50256: -100.0, 3: 2.5} and msg["add"][0].params.stop == ("\n\n", "END")

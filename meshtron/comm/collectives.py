@@ -251,19 +251,6 @@ def barrier(group) -> None:
         raise _fail("barrier", group, e) from e
 
 
-def broadcast_objects(objects: list, src: int, group) -> list:
-    """Broadcast a list of picklable objects in place from global rank `src` within `group` (meshtron's own
-    control messages only: what is received is unpickled)."""
-    if group is None:
-        return objects
-    record("broadcast_object", group, torch.zeros(0))
-    try:
-        dist.broadcast_object_list(objects, src=src, group=group)
-    except Exception as e:  # noqa: BLE001
-        raise _fail("broadcast_object", group, e) from e
-    return objects
-
-
 class Pending:
     """A collective in flight; `wait()` returns its result or raises a `CollectiveError` naming the rank, the
     operation and the group."""

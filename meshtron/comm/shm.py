@@ -376,10 +376,10 @@ def setup(group, ranks: tuple[int, ...], timeout_s: float) -> ShmAllReduce | Non
     from meshtron.comm import collectives as C          # named, counted collectives (C imports this module)
     world, me = len(ranks), dist.get_rank(group)
     size = world * _FLAG_STRIDE * 8 + world * 2 * SLOT_BYTES
-    token = uuid.uuid4()
-    name = [(f"/dev/shm/meshtron-{token.hex}", token.bytes) if me == 0 else None]
-    C.broadcast_objects(name, ranks[0], group)
-    (path, nonce), segment, ok = name[0], None, torch.ones(1)
+    token = torch.frombuffer(bytearray(uuid.uuid4().bytes), dtype=torch.uint8)     # rank 0's is the one used
+    C.broadcast(token, ranks[0], group)
+    nonce = bytes(token.tolist())
+    path, segment, ok = f"/dev/shm/meshtron-{nonce.hex()}", None, torch.ones(1)
     if me == 0:
         try:
             with open(path, "wb") as f:

@@ -10,20 +10,20 @@ the running requests and resets the engine, never the ranks.
 from __future__ import annotations
 
 import datetime
+import json
 import os
-import pickle
 import threading
 import time
 import traceback
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Callable
 
 import torch
 import torch.distributed as dist
 
 from meshtron.comm import collectives as C
-from meshtron.inference import Engine, Event, Request
+from meshtron.inference import Engine, Event, Request, SamplingParams
 
 STEP, WORK, EXIT = 0, 1, 2
 
@@ -40,7 +40,7 @@ class Control:
     def send(self, kind: int, payload=None) -> None:
         if self.group is None:
             return
-        data = pickle.dumps(payload) if kind == WORK else b""
+        data = encode_work(**payload).encode() if kind == WORK else b""
         head = torch.tensor([kind, len(data)], dtype=torch.long)
         C.broadcast(head, 0, self.group)
         if data:
@@ -54,7 +54,30 @@ class Control:
             return kind, None
         buf = torch.empty(n, dtype=torch.uint8)
         C.broadcast(buf, 0, self.group)
-        return kind, pickle.loads(buf.numpy().tobytes())
+        return kind, decode_work(buf.numpy().tobytes().decode())
+
+
+def encode_work(add: list[Request], abort: list) -> str:
+    """A WORK message as JSON (data only: what the other ranks read cannot run code). Request ids and share
+    keys are strings (the server's); logit_bias keys, integers, travel as [id, bias] pairs."""
+    def params(p: SamplingParams) -> dict:
+        d = {f.name: getattr(p, f.name) for f in fields(p)}
+        d["logit_bias"] = None if p.logit_bias is None else [[int(k), float(v)] for k, v in p.logit_bias.items()]
+        d["stop"] = list(p.stop)
+        return d
+    return json.dumps({"add": [{"id": r.id, "prompt_ids": [int(t) for t in r.prompt_ids], "params": params(r.params),
+                                "share": r.share} for r in add], "abort": list(abort)})
+
+
+def decode_work(text: str) -> dict:
+    """The inverse of `encode_work`: {"add": [Request, ...], "abort": [id, ...]}."""
+    msg = json.loads(text)
+    add = []
+    for r in msg["add"]:
+        p = dict(r["params"])
+        p["logit_bias"] = None if p["logit_bias"] is None else {int(k): float(v) for k, v in p["logit_bias"]}
+        add.append(Request(r["id"], r["prompt_ids"], SamplingParams(**p), share=r["share"]))
+    return {"add": add, "abort": msg["abort"]}
 
 
 def _fault(rank: int, iteration: int) -> None:
