@@ -303,7 +303,7 @@ def main() -> None:
     # parallel efficiency: 1 rank x CORES threads vs model:2 x 1 thread, alternating in one process group
     eff_name, eff_line, effs = f"GPT h1024 L4 s{eff_seq}", [], []
     if args.part != "compare":
-        e_rep, e_steps = (3, 1) if q else (6, 1)
+        e_rep, e_steps = (3, 1) if q else (10, 1)
         per_run, others, solo = [], 0.0, []
         for run in range(R):
             wait_for_idle(args.wait_idle)
@@ -391,7 +391,8 @@ def main() -> None:
         "the ranks of one host (meshtron.comm.shm, its default on CPU"
         + ("" if shm_seen or args.part == "efficiency" else "; NOT available in this run, so both columns used gloo")
         + "); `meshtron over gloo` is the same TrainStep with every all-reduce over gloo, the transport the DTensor "
-        "peer uses. Gradient buckets of the batch axis go over gloo in all three.",
+        "peer uses. meshtron's DDP gradient buckets (batch axis) follow the same switch: reduced through shared "
+        "memory in its comm hook by default, over gloo in the second column; the DTensor peer's go over gloo.",
     ]
     if busy:
         noisy = [f"{r[0]} on `{r[2]}` ({r[-1]:.1f} cores)" for r in rows if r[-1] > 0.25]
