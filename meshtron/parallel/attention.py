@@ -102,9 +102,12 @@ def _causal_bias(T: int, dtype: torch.dtype, device) -> torch.Tensor:
 CHUNK_BYTES = 1 << 19   # scores per chunk: 512 KiB stays in a CPU core's L2 (measured: at s 256, 68 -> 44 ms)
 
 
-def _chunks(B_h: int, T: int, elem: int):
-    """Slices over (batch x heads, query rows) whose score blocks hold about CHUNK_BYTES each."""
+def _chunks(B_h: int, T: int, elem: int, device):
+    """Slices over (batch x heads, query rows) whose score blocks hold about CHUNK_BYTES each, on CPU; one slice
+    elsewhere (on a GPU each chunk would be kernel launches, and its caches are not a core's L2)."""
     per_slice = T * T * elem
+    if torch.device(device).type != "cpu":
+        return [(slice(None), slice(None))]
     if per_slice <= CHUNK_BYTES:
         n = max(1, CHUNK_BYTES // per_slice)
         return [(slice(i, i + n), slice(None)) for i in range(0, B_h, n)]
@@ -133,7 +136,7 @@ class _DroppedAttention(torch.autograd.Function):
         keep = keep.view(torch.uint8).reshape(B * h, T, T)
         probs = torch.empty(B * h, T, T, dtype=q.dtype, device=q.device)
         y = torch.empty(B * h, T, d, dtype=q.dtype, device=q.device)
-        for bh, rows in _chunks(B * h, T, q.element_size()):
+        for bh, rows in _chunks(B * h, T, q.element_size(), q.device):
             qc = q3[bh, rows]
             scores = torch.baddbmm(bias[rows].expand(qc.shape[0], -1, -1), qc, k3[bh].transpose(1, 2),
                                    alpha=score_scale)
@@ -155,7 +158,7 @@ class _DroppedAttention(torch.autograd.Function):
         k3, v3 = _per_query_head(k, shape[1]), _per_query_head(v, shape[1])
         gy = grad_y.reshape(B_h, T, d).to(q3.dtype) * ctx.keep_scale
         grad_q, grad_k, grad_v = (torch.zeros_like(q3) for _ in range(3))
-        for bh, rows in _chunks(B_h, T, q3.element_size()):
+        for bh, rows in _chunks(B_h, T, q3.element_size(), q3.device):
             kf, pc, gyc = keep[bh, rows].to(q3.dtype), probs[bh, rows], gy[bh, rows]
             grad_v[bh] += torch.bmm((pc * kf).transpose(1, 2), gyc)
             grad_p = torch.bmm(gyc, v3[bh].transpose(1, 2)).mul_(kf)
