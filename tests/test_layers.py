@@ -1,4 +1,5 @@
 """Single layers against plain PyTorch; dropout masks and initial values as functions of logical position."""
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -64,7 +65,8 @@ def test_dropout_mask_is_a_function_of_logical_position():
 
 def test_dropout_mask_is_the_same_drawn_in_blocks(monkeypatch):
     """Masks are drawn in cache-sized blocks of their leading dimensions: any block size gives the same mask."""
-    from meshtron.parallel import random as R
+    from meshtron.parallel import cpu_kernels, random as R
+    monkeypatch.setattr(cpu_kernels, "fill_keep_mask", lambda *a: False)      # PyTorch's composition, chunked
     rng = DropoutRNG(seed=3)
     whole = rng.mask(1, ATTENTION_PROBS, (3, 5, 7, 9), offsets=(1, 0, 0), full=(9, 7, 9), p=0.3)
     for hashes in (1, 3, 20):
@@ -73,6 +75,62 @@ def test_dropout_mask_is_the_same_drawn_in_blocks(monkeypatch):
                            whole)
     monkeypatch.setattr(R, "MASK_CHUNK_HASHES", 1 << 40)
     assert torch.equal(rng.mask(1, ATTENTION_PROBS, (3, 5, 7, 9), offsets=(1, 0, 0), full=(9, 7, 9), p=0.3), whole)
+
+
+def test_cpu_loops_give_the_pytorch_compositions_bits(monkeypatch):
+    """The compiled CPU loops (mask drawing, mask application, dropout + residual add) against the PyTorch ops
+    they replace, bit for bit (NaN payloads aside): odd shapes and offsets, p at the ends, float32 and bfloat16
+    with inf, nan and -0."""
+    from meshtron.parallel import cpu_kernels, random as R
+    if not cpu_kernels.available():
+        pytest.skip("no C compiler here: the CPU loops are off and PyTorch's composition runs")
+    fill, apply, apply_add = cpu_kernels.fill_keep_mask, cpu_kernels.apply_mask, cpu_kernels.apply_mask_add
+
+    def torch_only():
+        monkeypatch.setattr(cpu_kernels, "fill_keep_mask", lambda *a: False)
+        monkeypatch.setattr(cpu_kernels, "apply_mask", lambda *a: None)
+        monkeypatch.setattr(cpu_kernels, "apply_mask_add", lambda *a: None)
+
+    def loops():
+        monkeypatch.setattr(cpu_kernels, "fill_keep_mask", fill)
+        monkeypatch.setattr(cpu_kernels, "apply_mask", apply)
+        monkeypatch.setattr(cpu_kernels, "apply_mask_add", apply_add)
+    key = R.fold_key(7, 1, 2, 3)
+    blocks = [((3, 5, 7), (2, 1, 0), (9, 8, 7)), ((2, 3, 130), (0, 4, 0), (2, 10, 130)), ((5, 1), (3, 0), (10, 1)),
+              ((6,), (0,), (6,)), ((2, 2, 3, 4, 9), (1, 0, 1, 0, 0), (4, 2, 5, 6, 9))]
+    for shape, offsets, full in blocks:
+        for p in (0.0, 1e-5, 0.1, 0.5, 0.99):
+            torch_only()
+            ref = R.keep_mask(key, shape, offsets, full, p, "cpu")
+            loops()
+            assert torch.equal(R.keep_mask(key, shape, offsets, full, p, "cpu"), ref), (shape, p)
+    torch_only()                                              # 2M elements: lanes equal to the threshold occur
+    ref = R.keep_mask(key, (64, 128, 256), (0, 0, 0), (64, 128, 256), 0.1, "cpu")
+    loops()
+    assert torch.equal(R.keep_mask(key, (64, 128, 256), (0, 0, 0), (64, 128, 256), 0.1, "cpu"), ref)
+    g = torch.Generator().manual_seed(0)
+    mask = torch.rand(4, 33, generator=g) >= 0.3
+    for dtype in (torch.float32, torch.bfloat16):
+        x, r = (torch.randn(4, 33, generator=g).to(dtype) for _ in range(2))
+        x[0, :4] = torch.tensor([float("inf"), float("nan"), -0.0, -float("inf")])
+        r[1, :2] = torch.tensor([float("inf"), -0.0])
+        xg = x.clone().requires_grad_()
+        rg = r.clone().requires_grad_()
+        outs = []
+        for mode in (torch_only, loops):
+            mode()
+            xg.grad = rg.grad = None
+            y = R._DropoutAdd.apply(rg, xg, mask, 1 / 0.7)
+            y.backward(torch.full_like(y, 1.5))
+            outs.append([R.apply_mask(x, mask, 1 / 0.7), R.apply_mask(x, mask, 1.0), y.detach(), xg.grad, rg.grad])
+        bits = torch.int16 if dtype == torch.bfloat16 else torch.int32
+        for a, b in zip(*outs):                               # the same bits, NaN payloads aside
+            assert a.dtype == dtype and torch.equal(a.isnan(), b.isnan())
+            assert torch.equal(a.view(bits)[~a.isnan()], b.view(bits)[~b.isnan()])
+    rng = DropoutRNG(seed=1)                                  # dropout_add is residual + dropout
+    x, r = torch.randn(2, 5, 8, generator=g), torch.randn(2, 5, 8, generator=g)
+    torch.testing.assert_close(R.dropout_add(r, x, 0.2, rng, 0, MLP_OUT, True),
+                               r + R.dropout(x, 0.2, rng, 0, MLP_OUT, True), rtol=0, atol=0)
 
 
 def test_dropout_masks_differ_by_row_step_layer_and_site():
@@ -243,24 +301,38 @@ def test_dropped_attention_equals_the_unfused_composition(monkeypatch):
     from meshtron.parallel.attention import _DroppedAttention
     from meshtron.parallel import attention
     g = torch.Generator().manual_seed(0)
-    # whole (one chunk), chunks of 3 heads (9·9·8 bytes each), chunks of 2 query rows (score rows of 72 bytes)
-    for kv, chunk in ((6, attention.CHUNK_BYTES), (2, attention.CHUNK_BYTES), (6, 3 * 648), (2, 150)):
-        monkeypatch.setattr(attention, "CHUNK_BYTES", chunk)
-        q = torch.randn(2, 6, 9, 8, dtype=torch.float64, generator=g, requires_grad=True)
-        k, v = (torch.randn(2, kv, 9, 8, dtype=torch.float64, generator=g, requires_grad=True) for _ in range(2))
+    whole_batch = attention._chunks(2, 6, 9, 8, "meta")           # the one chunk a GPU takes
+    # a batch row's heads (one chunk each), chunks of 3 or 2 heads (9·9·8 bytes each: 2 query heads of a kv
+    # group of 3 span two kv heads), chunks of 2 query rows (score rows of 72 bytes), the whole batch; float64
+    # (PyTorch's mask multiply) and float32 (the CPU loops); q, k, v contiguous or strided (views of the
+    # model's (B, T, heads, d) projections)
+    cases = [(kv, chunk, dtype, strided) for kv in (6, 2) for chunk in (attention.CHUNK_BYTES, 3 * 648, 2 * 648, 150)
+             for dtype, strided in ((torch.float64, False), (torch.float64, True), (torch.float32, True))]
+    for kv, chunk, dtype, strided in cases + [(2, None, torch.float64, True)]:
+        monkeypatch.setattr(attention, "CHUNK_BYTES", chunk or attention.CHUNK_BYTES)
+        if chunk is None:
+            monkeypatch.setattr(attention, "_chunks", lambda *a: whole_batch)
+        shapes = [(2, 6, 9, 8)] + [(2, kv, 9, 8)] * 2
+        if strided:
+            q, k, v = (torch.randn(s[0], s[2], s[1], s[3], dtype=dtype, generator=g).transpose(1, 2).requires_grad_()
+                       for s in shapes)
+        else:
+            q, k, v = (torch.randn(s, dtype=dtype, generator=g, requires_grad=True) for s in shapes)
         keep = torch.rand(2, 6, 9, 9, generator=g) >= 0.3
         ref = _unfused_dropped_attention(q, k, v, keep, 0.3)
         out = _DroppedAttention.apply(q, k, v, keep, 1 / 0.7, 1 / math.sqrt(8))
-        torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
-        grad = torch.randn(ref.shape, dtype=torch.float64, generator=g)
+        tol = dict(rtol=1e-12, atol=1e-12) if dtype == torch.float64 else dict(rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(out, ref, **tol)
+        grad = torch.randn(ref.shape, dtype=dtype, generator=g)
         for a, b in zip(torch.autograd.grad(out, (q, k, v), grad), torch.autograd.grad(ref, (q, k, v), grad)):
-            torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+            torch.testing.assert_close(a, b, **tol)
     monkeypatch.undo()
+    q, k, v = (t.detach().double() for t in (q, k, v))
     kept = []
     q16, k16, v16 = (t.detach().bfloat16().requires_grad_() for t in (q, k, v))
     with torch.autograd.graph.saved_tensors_hooks(lambda t: kept.append((t.dtype, tuple(t.shape))) or t, lambda t: t):
         out = _DroppedAttention.apply(q16, k16, v16, keep, 1 / 0.7, 1 / math.sqrt(8))
-    assert out.dtype == torch.bfloat16 and (torch.bfloat16, (12, 9, 9)) in kept and (torch.uint8, (12, 9, 9)) in kept
+    assert out.dtype == torch.bfloat16 and (torch.bfloat16, (2, 6, 9, 9)) in kept and (torch.uint8, (2, 6, 9, 9)) in kept
     ref = _unfused_dropped_attention(q.detach(), k.detach(), v.detach(), keep, 0.3)
     assert (out.double() - ref).abs().max() < 0.05 * ref.abs().max()
     out.sum().backward()

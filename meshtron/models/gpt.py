@@ -17,7 +17,8 @@ from meshtron.models.base import CausalLM
 from meshtron.models.config import ModelConfig
 from meshtron.parallel import LayerNorm, ParallelAttention, ParallelMLP, VocabParallelEmbedding
 from meshtron.parallel.lm_head import VocabParallelHead
-from meshtron.parallel.random import ATTENTION_OUT, EMBEDDING, MLP_OUT, DropoutRNG, residual_dropout
+from meshtron.parallel.random import (ATTENTION_OUT, EMBEDDING, MLP_OUT, DropoutRNG, dropout_add,
+                                      residual_dropout)
 from meshtron.parallel.sharding import make_param, replicated_spec
 from meshtron.pipeline.stages import LayerStack
 
@@ -37,8 +38,8 @@ class Block(nn.Module):
     def forward(self, x: torch.Tensor, cache=None, seq=None) -> torch.Tensor:
         """`seq`: the axis the residual stream's sequence is split over (sequence parallelism), or None."""
         rng, p, i, on = self.rng, self.p, self.layer, self.training
-        x = x + residual_dropout(self.attn(self.ln_1(x), cache, seq), p, rng, i, ATTENTION_OUT, on, seq)
-        return x + residual_dropout(self.mlp(self.ln_2(x), seq), p, rng, i, MLP_OUT, on, seq)
+        x = dropout_add(x, self.attn(self.ln_1(x), cache, seq), p, rng, i, ATTENTION_OUT, on, seq)
+        return dropout_add(x, self.mlp(self.ln_2(x), seq), p, rng, i, MLP_OUT, on, seq)
 
 
 class GPT(CausalLM):

@@ -17,7 +17,7 @@ from meshtron.models.base import CausalLM
 from meshtron.models.config import ModelConfig
 from meshtron.parallel import ParallelAttention, ParallelMLP, RMSNorm, Rotary, VocabParallelEmbedding
 from meshtron.parallel.lm_head import VocabParallelHead
-from meshtron.parallel.random import ATTENTION_OUT, MLP_OUT, DropoutRNG, residual_dropout
+from meshtron.parallel.random import ATTENTION_OUT, MLP_OUT, DropoutRNG, dropout_add
 from meshtron.pipeline.stages import LayerStack
 
 
@@ -37,8 +37,8 @@ class Block(nn.Module):
     def forward(self, x: torch.Tensor, cache=None, seq=None) -> torch.Tensor:
         """`seq`: the axis the residual stream's sequence is split over (sequence parallelism), or None."""
         rng, p, i, on = self.rng, self.p, self.layer, self.training
-        x = x + residual_dropout(self.attn(self.attn_norm(x), cache, seq), p, rng, i, ATTENTION_OUT, on, seq)
-        return x + residual_dropout(self.mlp(self.mlp_norm(x), seq), p, rng, i, MLP_OUT, on, seq)
+        x = dropout_add(x, self.attn(self.attn_norm(x), cache, seq), p, rng, i, ATTENTION_OUT, on, seq)
+        return dropout_add(x, self.mlp(self.mlp_norm(x), seq), p, rng, i, MLP_OUT, on, seq)
 
 
 class Llama(CausalLM):

@@ -22,6 +22,8 @@ from dataclasses import dataclass
 
 import torch
 
+from meshtron.parallel import cpu_kernels
+
 _M64 = (1 << 64) - 1
 _GOLDEN = 0x9E3779B97F4A7C15
 _MIX1, _MIX2 = 0xBF58476D1CE4E5B9, 0x94D049BB133111EB
@@ -83,7 +85,11 @@ def keep_mask(key: int, shape, offsets, full, p: float, device) -> torch.Tensor:
     """Bool mask of the local block (True: keep), each element kept with probability 1 - round(p * 2**16) / 2**16.
     Drawn in cache-sized blocks along the leading dimensions (the same values: each is a function of its index)."""
     out = torch.empty(tuple(shape), dtype=torch.bool, device=device)
-    _fill_keep_mask(out, key, list(offsets), list(full), round(p * 65536) - 32768)
+    offsets, full, threshold = list(offsets), list(full), round(p * 65536) - 32768
+    if out.dim() and (offsets[-1] != 0 or shape[-1] != full[-1]):
+        raise ValueError("a grouped last dimension must be whole on every rank")
+    if not cpu_kernels.fill_keep_mask(out, key, offsets, full, threshold):
+        _fill_keep_mask(out, key, offsets, full, threshold)
     return out
 
 
@@ -187,10 +193,15 @@ class _Dropout(torch.autograd.Function):
         return apply_mask(grad, mask, ctx.scale), None, None
 
 
-def apply_mask(x: torch.Tensor, mask: torch.Tensor, scale: float) -> torch.Tensor:
-    """x * mask * scale, in x's dtype, as two same-dtype passes after one conversion of the mask (from its bytes:
-    PyTorch converts uint8 to float 4x faster than bool)."""
-    return torch.mul(x, mask.view(torch.uint8).to(x.dtype)).mul_(scale)
+def apply_mask(x: torch.Tensor, mask: torch.Tensor, scale: float, out: torch.Tensor | None = None) -> torch.Tensor:
+    """x * mask * scale in x's dtype (into `out`, which may be x): one fused loop on CPU (`cpu_kernels`), else two
+    same-dtype passes after one conversion of the mask (from its bytes: PyTorch converts uint8 to float 4x faster
+    than bool). The two give the same bits."""
+    fused = cpu_kernels.apply_mask(x, mask, scale, out)
+    if fused is not None:
+        return fused
+    y = torch.mul(x, mask.view(torch.uint8).to(x.dtype), out=out)
+    return y if scale == 1.0 else y.mul_(scale)
 
 
 def dropout(x: torch.Tensor, p: float, rng: DropoutRNG | None, layer: int, site: int, training: bool,
@@ -210,8 +221,44 @@ def residual_dropout(x: torch.Tensor, p: float, rng: DropoutRNG | None, layer: i
                      seq=None, position: DropoutPosition | None = None) -> torch.Tensor:
     """Dropout of a residual-stream tensor (B, T, d), or of this rank's sequence chunk under sequence
     parallelism over the mesh axis `seq`."""
+    return dropout(x, p, rng, layer, site, training, *_sequence_block(x, seq), position=position)
+
+
+def _sequence_block(x: torch.Tensor, seq):
+    """(offsets, full) of this rank's (B, T, d) block of the residual stream (None, None: it holds it whole)."""
     if seq is None or seq.size == 1:
-        return dropout(x, p, rng, layer, site, training, position=position)
+        return None, None
     T = x.shape[1]
-    return dropout(x, p, rng, layer, site, training, offsets=(seq.coord * T, 0), full=(seq.size * T, x.shape[2]),
-                   position=position)
+    return (seq.coord * T, 0), (seq.size * T, x.shape[2])
+
+
+class _DropoutAdd(torch.autograd.Function):
+    """residual + x * mask / (1 - p) for one dtype, one loop on CPU (`cpu_kernels`; else PyTorch's two ops, the
+    same bits); saves only the one-byte mask."""
+
+    @staticmethod
+    def forward(ctx, residual, x, mask, scale):
+        ctx.save_for_backward(mask)
+        ctx.scale = scale
+        fused = cpu_kernels.apply_mask_add(residual, x, mask, scale)
+        return fused if fused is not None else residual + apply_mask(x, mask, scale)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (mask,) = ctx.saved_tensors
+        return grad, apply_mask(grad, mask, ctx.scale), None, None
+
+
+def dropout_add(residual: torch.Tensor, x: torch.Tensor, p: float, rng: DropoutRNG | None, layer: int, site: int,
+                training: bool, seq=None) -> torch.Tensor:
+    """residual + residual_dropout(x, ...): a residual branch's dropout and its add, in one pass where the two
+    have one dtype."""
+    if not training or p == 0.0:
+        return residual + x
+    if rng is None:
+        raise ValueError("dropout needs the model's DropoutRNG")
+    offsets, full = _sequence_block(x, seq)
+    mask = rng.mask(layer, site, x.shape, offsets, full, p, x.device)
+    if residual.dtype != x.dtype or residual.shape != x.shape:       # autocast: a 16-bit branch, fp32 stream
+        return residual + _Dropout.apply(x, mask, 1.0 / (1.0 - p))
+    return _DropoutAdd.apply(residual, x, mask, 1.0 / (1.0 - p))
