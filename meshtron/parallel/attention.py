@@ -22,7 +22,7 @@ from torch.utils.checkpoint import checkpoint
 
 from meshtron.mesh import MeshAxis
 from meshtron.parallel.linear import ColumnParallelLinear, RowParallelLinear, column_parallel_group
-from meshtron.parallel.random import ATTENTION_PROBS, DropoutRNG
+from meshtron.parallel.random import ATTENTION_PROBS, DropoutRNG, apply_mask
 from meshtron.parallel.rotary import Rotary
 
 
@@ -102,73 +102,122 @@ def _causal_bias(T: int, dtype: torch.dtype, device) -> torch.Tensor:
 CHUNK_BYTES = 1 << 19   # scores per chunk: 512 KiB stays in a CPU core's L2 (measured: at s 256, 68 -> 44 ms)
 
 
-def _chunks(B_h: int, T: int, elem: int, device):
-    """Slices over (batch x heads, query rows) whose score blocks hold about CHUNK_BYTES each, on CPU; one slice
-    elsewhere (on a GPU each chunk would be kernel launches, and its caches are not a core's L2)."""
-    per_slice = T * T * elem
+def _chunks(B: int, h: int, T: int, elem: int, device):
+    """(batch row, heads, query rows) of about CHUNK_BYTES of scores each, on CPU; on other devices one chunk,
+    None: the whole batch (there each chunk would be kernel launches, and the caches are not a core's L2)."""
     if torch.device(device).type != "cpu":
-        return [(slice(None), slice(None))]
-    if per_slice <= CHUNK_BYTES:
-        n = max(1, CHUNK_BYTES // per_slice)
-        return [(slice(i, i + n), slice(None)) for i in range(0, B_h, n)]
+        return [None]
+    per_head = T * T * elem
+    if per_head <= CHUNK_BYTES:
+        n = max(1, CHUNK_BYTES // per_head)
+        return [(b, slice(i, min(i + n, h)), slice(None)) for b in range(B) for i in range(0, h, n)]
     rows = max(1, CHUNK_BYTES // (T * elem))
-    return [(slice(i, i + 1), slice(r, r + rows)) for i in range(B_h) for r in range(0, T, rows)]
+    return [(b, slice(i, i + 1), slice(r, r + rows)) for b in range(B) for i in range(h) for r in range(0, T, rows)]
+
+
+def _at(t: torch.Tensor, c) -> torch.Tensor:
+    """The chunk `c` of a (B, h, T, X) tensor as (heads, rows, X): a view (of any strides) of one batch row on
+    CPU; for the whole-batch chunk, (B·h, T, X), reshaped (a copy where t is strided)."""
+    return t.reshape(-1, *t.shape[2:]) if c is None else t[c[0], c[1], c[2]]
+
+
+def _kv_at(t: torch.Tensor, c, h: int) -> torch.Tensor:
+    """The keys or values (B, kv, T, d) that chunk `c`'s query heads attend: (heads, T, d), kv head j serving
+    query heads j·g .. j·g + g - 1 (a view for g = 1, else a copy of the chunk's share)."""
+    if c is None:
+        return _per_query_head(t, h)
+    g = h // t.shape[1]
+    b, heads, _ = c
+    if g == 1:
+        return t[b, heads]
+    if heads.stop - heads.start == 1:
+        return t[b, heads.start // g:heads.start // g + 1]
+    return t[b].index_select(0, torch.arange(heads.start, heads.stop, device=t.device) // g)
+
+
+def _kv_grad_at(grad: torch.Tensor, c, h: int, a: torch.Tensor, b: torch.Tensor, alpha: float) -> None:
+    """Chunk `c`'s share of a kv gradient, alpha · a @ b per query head ((heads, T, x) @ (heads, x, d)), written
+    (the chunk that reaches a kv head first) or added (the rest) onto the kv heads of `grad` inside the GEMM;
+    a chunk whose query heads span kv heads of a group > 1 adds its products (`grad` is zeroed for it)."""
+    if c is None:
+        _at(grad, c).baddbmm_(a, b, beta=0, alpha=alpha)
+        return
+    g = h // grad.shape[1]
+    bi, heads, rows = c
+    first = rows.start in (None, 0) and heads.start % g == 0
+    if g == 1:
+        grad[bi, heads].baddbmm_(a, b, beta=0 if first else 1, alpha=alpha)
+    elif heads.stop - heads.start == 1:
+        grad[bi, heads.start // g:heads.start // g + 1].baddbmm_(a, b, beta=0 if first else 1, alpha=alpha)
+    else:
+        grad[bi].index_add_(0, torch.arange(heads.start, heads.stop, device=grad.device) // g, torch.bmm(a, b),
+                            alpha=alpha)
 
 
 class _DroppedAttention(torch.autograd.Function):
     """Causal attention with dropout on its probabilities, y = (softmax(q·kᵀ·c + causal) ⊙ keep)·v / (1 - p),
     in the inputs' dtype (a 16-bit softmax in float32); k and v may have fewer heads than q (grouped-query: each
-    serves h/kv consecutive query heads). Saves q, k, v (not their per-query-head repeats), the probabilities
-    and the one-byte mask; the dropped probabilities are recomputed in backward from those two (one multiply),
-    so per a·s² it keeps e + m bytes, not autograd's 2·e + m (probabilities and their dropped copy). It works
-    through the scores in cache-sized chunks of heads (or of query rows, for long sequences), each chunk's
-    scores, softmax, mask and product done while they are in cache; the 1/(1 - p) and c scales are applied to
-    s·d-sized tensors, never to an s² one. Invariant: the arithmetic of the unfused composition, so outputs and
-    gradients agree with it to rounding (tests/test_layers.py)."""
+    serves h/kv consecutive query heads). Saves q, k, v as given (the strided views of the Q|K|V output, not
+    copies or per-query-head repeats), the probabilities and the one-byte mask; the dropped probabilities are
+    recomputed in backward from those two (one multiply), so per a·s² it keeps e + m bytes, not autograd's
+    2·e + m (probabilities and their dropped copy). On CPU it works through the scores in cache-sized chunks of
+    one batch row's heads (or query rows, for long sequences), each chunk's scores, softmax, mask and product
+    done while they are in cache, reading q, k, v and writing y and the gradients in place through strided
+    views (y and dq are laid out (B, T, h, d), as the projections that follow want them). The 1/(1 - p) and c
+    scales are applied to s·d-sized tensors, never to an s² one. Invariant: the arithmetic of the unfused
+    composition, so outputs and gradients agree with it to rounding (tests/test_layers.py)."""
 
     @staticmethod
     def forward(ctx, q, k, v, keep, keep_scale, score_scale):
         B, h, T, d = q.shape
-        k, v = k.contiguous(), v.contiguous()        # views of the Q|K|V output: saved as their own copies
-        q3, k3, v3 = q.reshape(B * h, T, d), _per_query_head(k, h), _per_query_head(v, h)
+        chunks = _chunks(B, h, T, q.element_size(), q.device)
+        whole = chunks == [None]
         bias = _causal_bias(T, q.dtype, q.device)
         soft = torch.float32 if q.dtype in (torch.float16, torch.bfloat16) else q.dtype
-        keep = keep.view(torch.uint8).reshape(B * h, T, T)
-        probs = torch.empty(B * h, T, T, dtype=q.dtype, device=q.device)
-        y = torch.empty(B * h, T, d, dtype=q.dtype, device=q.device)
-        for bh, rows in _chunks(B * h, T, q.element_size(), q.device):
-            qc = q3[bh, rows]
-            scores = torch.baddbmm(bias[rows].expand(qc.shape[0], -1, -1), qc, k3[bh].transpose(1, 2),
+        keep = keep.view(torch.uint8)
+        probs = torch.empty(B, h, T, T, dtype=q.dtype, device=q.device)
+        y = q.new_empty(B, h, T, d) if whole else q.new_empty(B, T, h, d).transpose(1, 2)
+        for c in chunks:
+            rows = slice(None) if c is None else c[2]
+            qc = _at(q, c)
+            scores = torch.baddbmm(bias[rows].expand(qc.shape[0], -1, -1), qc, _kv_at(k, c, h).transpose(1, 2),
                                    alpha=score_scale)
-            pc = probs[bh, rows]                                            # contiguous: whole rows
+            pc = _at(probs, c)                                              # contiguous: whole rows
             if soft == q.dtype:
                 torch.softmax(scores, -1, out=pc)
             else:
                 pc.copy_(torch.softmax(scores, -1, dtype=soft))
-            torch.bmm(pc * keep[bh, rows].to(q.dtype), v3[bh], out=y[bh, rows])
-        ctx.save_for_backward(q3, k, v, probs, keep)
+            _at(y, c).baddbmm_(apply_mask(pc, _at(keep, c), 1.0), _kv_at(v, c, h), beta=0, alpha=keep_scale)
+        ctx.save_for_backward(q, k, v, probs, keep)
         ctx.keep_scale, ctx.score_scale = keep_scale, score_scale
-        return y.mul_(keep_scale).view(B, h, T, d)
+        return y
 
     @staticmethod
     def backward(ctx, grad_y):
-        q3, k, v, probs, keep = ctx.saved_tensors
-        shape, kv_shape = grad_y.shape, k.shape
-        B_h, T, d = q3.shape
-        k3, v3 = _per_query_head(k, shape[1]), _per_query_head(v, shape[1])
-        gy = grad_y.reshape(B_h, T, d).to(q3.dtype) * ctx.keep_scale
-        grad_q, grad_k, grad_v = (torch.zeros_like(q3) for _ in range(3))
-        for bh, rows in _chunks(B_h, T, q3.element_size(), q3.device):
-            kf, pc, gyc = keep[bh, rows].to(q3.dtype), probs[bh, rows], gy[bh, rows]
-            grad_v[bh] += torch.bmm((pc * kf).transpose(1, 2), gyc)
-            grad_p = torch.bmm(gyc, v3[bh].transpose(1, 2)).mul_(kf)
+        q, k, v, probs, keep = ctx.saved_tensors
+        B, h, T, d = q.shape
+        chunks = _chunks(B, h, T, q.element_size(), q.device)
+        keep_scale, score_scale = ctx.keep_scale, ctx.score_scale
+        gy = grad_y.to(q.dtype)
+        if chunks == [None]:                   # the kv gradients per query head, summed onto kv heads at the end
+            grad_q, grad_k, grad_v = (q.new_empty(B, h, T, d) for _ in range(3))
+        else:                                  # (B, T, heads, d) buffers, as the Q|K|V projection's backward wants
+            spans = h != k.shape[1] and any(c[1].stop - c[1].start > 1 for c in chunks)
+            grad_q = q.new_empty(B, T, h, d).transpose(1, 2)
+            grad_k, grad_v = ((q.new_zeros if spans else q.new_empty)(B, T, t.shape[1], d).transpose(1, 2)
+                              for t in (k, v))
+        for c in chunks:
+            kc, pc, gyc, qc = _at(keep, c), _at(probs, c), _at(gy, c), _at(q, c)
+            # the gradient of the dropped probabilities; baddbmm with beta 0 ignores its input (pc: the shape)
+            grad_p = torch.baddbmm(pc, gyc, _kv_at(v, c, h).transpose(1, 2), beta=0, alpha=keep_scale)
+            apply_mask(grad_p, kc, 1.0, out=grad_p)
             grad_s = torch._softmax_backward_data(grad_p, pc, -1, pc.dtype)
-            grad_q[bh, rows] = torch.bmm(grad_s, k3[bh])
-            grad_k[bh] += torch.bmm(grad_s.transpose(1, 2), q3[bh, rows])
-        grad_q.mul_(ctx.score_scale)
-        grad_k.mul_(ctx.score_scale)
-        return (grad_q.view(shape), _sum_query_heads(grad_k, kv_shape), _sum_query_heads(grad_v, kv_shape),
-                None, None, None)
+            _at(grad_q, c).baddbmm_(grad_s, _kv_at(k, c, h), beta=0, alpha=score_scale)
+            _kv_grad_at(grad_k, c, h, grad_s.transpose(1, 2), qc, score_scale)
+            _kv_grad_at(grad_v, c, h, apply_mask(pc, kc, 1.0).transpose(1, 2), gyc, keep_scale)
+        if chunks == [None]:
+            grad_k, grad_v = (_sum_query_heads(t.view(B * h, T, d), s.shape) for t, s in ((grad_k, k), (grad_v, v)))
+        return grad_q, grad_k, grad_v, None, None, None
 
 
 def _per_query_head(t: torch.Tensor, h: int) -> torch.Tensor:
