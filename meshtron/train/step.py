@@ -20,6 +20,7 @@ from torch import nn
 from meshtron.comm import collectives as C
 from meshtron.parallel.sequence import reduce_partial_grads
 from meshtron.parallel.sharding import ShardSpec
+from meshtron.train.host_memory import retain_freed_memory
 
 
 def _counted_allreduce_hook(group):
@@ -109,6 +110,8 @@ class TrainStep:
         if zero not in (0, 1):
             raise ValueError(f"zero={zero!r}: meshtron has ZeRO stage 0 (off) and 1 (sharded optimizer state)")
         self.model, self.mesh, self.bf16 = model, mesh, bf16
+        if mesh.device.type == "cpu":
+            retain_freed_memory()                 # a step's tensors reuse the last step's pages (host_memory)
         model.set_recompute(recompute)
         self.batch_axis = model.layout.axis("batch")
         self.zero = bool(zero) and self.batch_axis.size > 1
