@@ -9,9 +9,12 @@ For the two bench_tp GPTs (h256 L4 s128 and h512 L8 s256, batch 8, 1 thread per 
   dropout  dropout 0.1 on the embedding, attention probabilities and both residual branches (meshtron's dropout
            attention, masks drawn from the counter-based generator)
   cached   dropout 0.1 with every mask drawn once and replayed: the same work minus drawing masks
+  pytorch  dropout 0.1 with the compiled CPU loops off (`parallel/cpu_kernels.py`): masks drawn and applied by
+           the PyTorch composition they replace (the same bits)
 The table gives median ms per step; "masks" = (dropout - cached) / dropout is the share of the step spent
 drawing masks, "dropout" = dropout / none - 1 is the whole cost of dropout (drawing, applying, and the
-explicit attention that dropout on probabilities needs). Also: attention alone at both models' shapes,
+explicit attention that dropout on probabilities needs), "without the loops" = pytorch / none - 1. Every
+variant runs under the trainer's heap policy (`train/host_memory.py`). Also: attention alone at both models' shapes,
 forward + backward: meshtron's dropout attention (mask given), the unfused composition of PyTorch ops, and
 `scaled_dot_product_attention` without dropout.
 """
@@ -25,7 +28,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-VARIANTS = ("none", "dropout", "cached")
+VARIANTS = ("none", "dropout", "cached", "pytorch")
 
 
 MODELS = {   # name: (config overrides of gpt-small-bench, sequence length, blocks, steps per block) for full runs
@@ -56,10 +59,14 @@ def worker(mesh_spec: str, overrides: dict, seq: int, blocks: int, steps: int) -
         return cache[key]
     rng.mask = replay
     batch = local_rows(data, trainers["none"].batch_axis)
+    from meshtron.parallel import cpu_kernels
+    cpu_kernels.available()
+    loops = cpu_kernels._lib
     times = {n: [] for n in VARIANTS}
     for b in range(blocks + 1):
         order = VARIANTS if b % 2 == 0 else VARIANTS[::-1]
         for name in order:
+            cpu_kernels._lib = None if name == "pytorch" else loops
             t0 = time.perf_counter()
             for _ in range(steps):
                 trainers[name].step(batch)
@@ -72,14 +79,16 @@ ATTENTION_SHAPES = ((8, 4, 128, 64), (8, 8, 256, 64))   # (batch, heads, T, head
 
 
 def attention_only(repeats: int, shape) -> dict:
-    """ms for forward + backward of causal attention of `shape` (1 thread)."""
+    """ms for forward + backward of causal attention of `shape` (1 thread), q, k, v as the model gives them:
+    (B, heads, T, d) views of one (B, T, 3, heads, d) projection."""
     import math
     import torch
     import torch.nn.functional as F
     from meshtron.parallel.attention import _DroppedAttention
     torch.set_num_threads(1)
     B, h, T, d = shape
-    q, k, v = (torch.randn(B, h, T, d, requires_grad=True) for _ in range(3))
+    qkv = torch.randn(B, T, 3, h, d, requires_grad=True)
+    q, k, v = (qkv[:, :, i].transpose(1, 2) for i in range(3))
     causal = torch.ones(T, T, dtype=torch.bool).tril()
     keep = torch.rand(B, h, T, T, generator=torch.Generator().manual_seed(0)) >= 0.1
 
@@ -116,11 +125,12 @@ def main() -> None:
         for mesh_spec, world in (("model:1", 1), ("model:2", 2)):
             r = run_ranks(worker, world, mesh_spec, overrides, seq, blocks, steps, threads_per_rank=1)[0]
             rows.append((model, mesh_spec, r))
-    lines = ["| model | mesh | no dropout ms | dropout 0.1 ms | masks replayed ms | masks share | dropout cost |",
-             "|---|---|---|---|---|---|---|"]
+    lines = ["| model | mesh | no dropout ms | dropout 0.1 ms | masks replayed ms | masks share | dropout cost | "
+             "without the CPU loops ms | cost without them |", "|---|---|---|---|---|---|---|---|---|"]
     for model, mesh_spec, r in rows:
         lines.append(f"| {model} | `{mesh_spec}` | {r['none']:.1f} | {r['dropout']:.1f} | {r['cached']:.1f} | "
-                     f"{(r['dropout'] - r['cached']) / r['dropout']:+.1%} | {r['dropout'] / r['none'] - 1:+.1%} |")
+                     f"{(r['dropout'] - r['cached']) / r['dropout']:+.1%} | {r['dropout'] / r['none'] - 1:+.1%} | "
+                     f"{r['pytorch']:.1f} | {r['pytorch'] / r['none'] - 1:+.1%} |")
     lines += ["", "Attention alone, forward + backward, 1 thread, ms (median of repeats):", "",
               "| B, heads, T, head dim | meshtron's dropout attention | the unfused PyTorch composition | "
               "scaled_dot_product_attention, no dropout |", "|---|---|---|---|"]

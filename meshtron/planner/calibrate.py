@@ -38,7 +38,8 @@ CPU_ALLOCATOR_OVERHEAD = 0.0   # glibc malloc keeps freed blocks below the top o
                                # tensors. Not in proportion to them: fitted to bench/bench_planner.py's 17 cases
                                # (live peaks checked with mallinfo2, RSS with MALLOC_TRIM_THRESHOLD_=0 falling to
                                # the live peak plus the runtime) the excess is a fixed heap per rank ...
-CPU_ALLOCATOR_RETAINED_GIB = 125 / 1024
+CPU_ALLOCATOR_RETAINED_GIB = 125 / 1024   # (fitted before TrainStep's heap policy, train/host_memory.py; with
+                                          # it, bench_planner cases 0, 1, 10-13 stay within 3.9%)
 CPU_ALLOCATOR_GRAD_CHURN = 0.9  # ... plus most of one more copy of the gradients when TrainStep frees them after
                                 # every step (no DDP or distributed-optimizer buckets holding them): the next
                                 # backward allocates them while activations hold the old blocks. Fitted: every
