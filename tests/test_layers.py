@@ -306,10 +306,13 @@ def test_dropped_attention_equals_the_unfused_composition(monkeypatch):
     # group of 3 span two kv heads), chunks of 2 query rows (score rows of 72 bytes), the whole batch; float64
     # (PyTorch's mask multiply) and float32 (the CPU loops); q, k, v contiguous or strided (views of the
     # model's (B, T, heads, d) projections)
-    cases = [(kv, chunk, dtype, strided) for kv in (6, 2) for chunk in (attention.CHUNK_BYTES, 3 * 648, 2 * 648, 150)
-             for dtype, strided in ((torch.float64, False), (torch.float64, True), (torch.float32, True))]
-    for kv, chunk, dtype, strided in cases + [(2, None, torch.float64, True)]:
+    # chunks of one batch row's strided views (ROW_MIN_BYTES 0) or of (B·h) copies (the default at these sizes)
+    cases = [(kv, chunk, dtype, strided, row_min) for kv in (6, 2) for chunk in (attention.CHUNK_BYTES, 3 * 648,
+             2 * 648, 150) for dtype, strided in ((torch.float64, False), (torch.float64, True), (torch.float32, True))
+             for row_min in (0, attention.ROW_MIN_BYTES) if chunk != 150 or row_min == 0]
+    for kv, chunk, dtype, strided, row_min in cases + [(2, None, torch.float64, True, 0)]:
         monkeypatch.setattr(attention, "CHUNK_BYTES", chunk or attention.CHUNK_BYTES)
+        monkeypatch.setattr(attention, "ROW_MIN_BYTES", row_min)
         if chunk is None:
             monkeypatch.setattr(attention, "_chunks", lambda *a: whole_batch)
         shapes = [(2, 6, 9, 8)] + [(2, kv, 9, 8)] * 2

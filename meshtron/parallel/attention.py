@@ -100,32 +100,38 @@ def _causal_bias(T: int, dtype: torch.dtype, device) -> torch.Tensor:
 
 
 CHUNK_BYTES = 1 << 19   # scores per chunk: 512 KiB stays in a CPU core's L2 (measured: at s 256, 68 -> 44 ms)
+ROW_MIN_BYTES = 96 << 10  # a batch row's scores under this: chunks over (B·h) copies instead. Measured, forward
+                          # + backward on the model's strided q, k, v: (8, 1, 128, 64) 1.89 -> 1.61 ms and
+                          # (4, 4, 64, 64) 1.34 -> 1.17 ms (64 KiB a row); (8, 2, 128, 64) 3.15 against 3.65 and
+                          # (8, 12, 64, 64) 6.10 against 6.81 ms (128, 192 KiB) stay with the strided views
 
 
 def _chunks(B: int, h: int, T: int, elem: int, device):
-    """(batch row, heads, query rows) of about CHUNK_BYTES of scores each, on CPU; on other devices one chunk,
-    None: the whole batch (there each chunk would be kernel launches, and the caches are not a core's L2)."""
-    if torch.device(device).type != "cpu":
-        return [None]
+    """How the scores are worked through: (flat, chunks). Not flat: chunks (b, heads, query rows) of one batch
+    row's strided views, about CHUNK_BYTES of scores each. Flat: chunks (heads of B·h, query rows) of
+    (B·h, T, ·) copies of q, k, v — on CPU where a batch row's scores are small (under ROW_MIN_BYTES, where the
+    overhead of many chunks outweighs the copies), and on other devices as one chunk (there each chunk would be
+    kernel launches, and the caches are not a core's L2)."""
     per_head = T * T * elem
+    if torch.device(device).type != "cpu":
+        return True, [(slice(None), slice(None))]
+    if h * per_head < ROW_MIN_BYTES:
+        n = max(1, CHUNK_BYTES // per_head)
+        return True, [(slice(i, min(i + n, B * h)), slice(None)) for i in range(0, B * h, n)]
     if per_head <= CHUNK_BYTES:
         n = max(1, CHUNK_BYTES // per_head)
-        return [(b, slice(i, min(i + n, h)), slice(None)) for b in range(B) for i in range(0, h, n)]
+        return False, [(b, slice(i, min(i + n, h)), slice(None)) for b in range(B) for i in range(0, h, n)]
     rows = max(1, CHUNK_BYTES // (T * elem))
-    return [(b, slice(i, i + 1), slice(r, r + rows)) for b in range(B) for i in range(h) for r in range(0, T, rows)]
+    return False, [(b, slice(i, i + 1), slice(r, r + rows)) for b in range(B) for i in range(h)
+                   for r in range(0, T, rows)]
 
 
-def _at(t: torch.Tensor, c) -> torch.Tensor:
-    """The chunk `c` of a (B, h, T, X) tensor as (heads, rows, X): a view (of any strides) of one batch row on
-    CPU; for the whole-batch chunk, (B·h, T, X), reshaped (a copy where t is strided)."""
-    return t.reshape(-1, *t.shape[2:]) if c is None else t[c[0], c[1], c[2]]
-
-
-def _kv_at(t: torch.Tensor, c, h: int) -> torch.Tensor:
-    """The keys or values (B, kv, T, d) that chunk `c`'s query heads attend: (heads, T, d), kv head j serving
-    query heads j·g .. j·g + g - 1 (a view for g = 1, else a copy of the chunk's share)."""
-    if c is None:
-        return _per_query_head(t, h)
+def _kv_at(t: torch.Tensor, c, h: int, flat: bool) -> torch.Tensor:
+    """The keys or values that chunk `c`'s query heads attend, (heads, T, d). Flat: `t` is already per query
+    head (B·h, T, d). Else `t` is (B, kv, T, d), kv head j serving query heads j·g .. j·g + g - 1: a view for
+    g = 1 or a one-head chunk, else a copy of the chunk's share."""
+    if flat:
+        return t[c[0]]
     g = h // t.shape[1]
     b, heads, _ = c
     if g == 1:
@@ -135,15 +141,17 @@ def _kv_at(t: torch.Tensor, c, h: int) -> torch.Tensor:
     return t[b].index_select(0, torch.arange(heads.start, heads.stop, device=t.device) // g)
 
 
-def _kv_grad_at(grad: torch.Tensor, c, h: int, a: torch.Tensor, b: torch.Tensor, alpha: float) -> None:
+def _kv_grad_at(grad: torch.Tensor, c, h: int, flat: bool, a: torch.Tensor, b: torch.Tensor, alpha: float):
     """Chunk `c`'s share of a kv gradient, alpha · a @ b per query head ((heads, T, x) @ (heads, x, d)), written
-    (the chunk that reaches a kv head first) or added (the rest) onto the kv heads of `grad` inside the GEMM;
-    a chunk whose query heads span kv heads of a group > 1 adds its products (`grad` is zeroed for it)."""
-    if c is None:
-        _at(grad, c).baddbmm_(a, b, beta=0, alpha=alpha)
+    (the chunk that reaches a head first) or added (the rest) inside the GEMM. Flat: `grad` is per query head
+    (B·h, T, d), summed onto kv heads afterwards. Else onto the kv heads of `grad` (B, kv, T, d); a chunk whose
+    query heads span kv heads of a group > 1 adds its products (`grad` is zeroed for it)."""
+    rows = c[-1]
+    if flat:
+        grad[c[0]].baddbmm_(a, b, beta=0 if rows.start in (None, 0) else 1, alpha=alpha)
         return
     g = h // grad.shape[1]
-    bi, heads, rows = c
+    bi, heads, _ = c
     first = rows.start in (None, 0) and heads.start % g == 0
     if g == 1:
         grad[bi, heads].baddbmm_(a, b, beta=0 if first else 1, alpha=alpha)
@@ -157,66 +165,76 @@ def _kv_grad_at(grad: torch.Tensor, c, h: int, a: torch.Tensor, b: torch.Tensor,
 class _DroppedAttention(torch.autograd.Function):
     """Causal attention with dropout on its probabilities, y = (softmax(q·kᵀ·c + causal) ⊙ keep)·v / (1 - p),
     in the inputs' dtype (a 16-bit softmax in float32); k and v may have fewer heads than q (grouped-query: each
-    serves h/kv consecutive query heads). Saves q, k, v as given (the strided views of the Q|K|V output, not
-    copies or per-query-head repeats), the probabilities and the one-byte mask; the dropped probabilities are
-    recomputed in backward from those two (one multiply), so per a·s² it keeps e + m bytes, not autograd's
-    2·e + m (probabilities and their dropped copy). On CPU it works through the scores in cache-sized chunks of
-    one batch row's heads (or query rows, for long sequences), each chunk's scores, softmax, mask and product
-    done while they are in cache, reading q, k, v and writing y and the gradients in place through strided
-    views (y and dq are laid out (B, T, h, d), as the projections that follow want them). The 1/(1 - p) and c
-    scales are applied to s·d-sized tensors, never to an s² one. Invariant: the arithmetic of the unfused
-    composition, so outputs and gradients agree with it to rounding (tests/test_layers.py)."""
+    serves h/kv consecutive query heads). Saves q, k, v (the strided views of the Q|K|V output, or their
+    copies: the same bytes, never per-query-head repeats), the probabilities and the one-byte mask; the dropped
+    probabilities are recomputed in backward from those two (one multiply), so per a·s² it keeps e + m bytes,
+    not autograd's 2·e + m (probabilities and their dropped copy). On CPU it works through the scores in
+    cache-sized chunks (`_chunks`), each chunk's scores, softmax, mask and product done while they are in cache;
+    chunks of one batch row read q, k, v and write y and the gradients in place through strided views (y and
+    dq laid out (B, T, h, d), as the projections that follow want them). The 1/(1 - p) and c scales are applied
+    inside the GEMMs, never as a pass over an s² tensor. Invariant: the arithmetic of the unfused composition,
+    so outputs and gradients agree with it to rounding (tests/test_layers.py)."""
 
     @staticmethod
     def forward(ctx, q, k, v, keep, keep_scale, score_scale):
         B, h, T, d = q.shape
-        chunks = _chunks(B, h, T, q.element_size(), q.device)
-        whole = chunks == [None]
+        flat, chunks = _chunks(B, h, T, q.element_size(), q.device)
         bias = _causal_bias(T, q.dtype, q.device)
         soft = torch.float32 if q.dtype in (torch.float16, torch.bfloat16) else q.dtype
         keep = keep.view(torch.uint8)
         probs = torch.empty(B, h, T, T, dtype=q.dtype, device=q.device)
-        y = q.new_empty(B, h, T, d) if whole else q.new_empty(B, T, h, d).transpose(1, 2)
+        if flat:
+            k, v = k.contiguous(), v.contiguous()
+            q_, k_, v_ = q.reshape(B * h, T, d), _per_query_head(k, h), _per_query_head(v, h)
+            probs_, keep_ = probs.view(B * h, T, T), keep.reshape(B * h, T, T)
+            y = q.new_empty(B, h, T, d)
+            y_ = y.view(B * h, T, d)
+        else:
+            q_, k_, v_, probs_, keep_ = q, k, v, probs, keep
+            y = y_ = q.new_empty(B, T, h, d).transpose(1, 2)
         for c in chunks:
-            rows = slice(None) if c is None else c[2]
-            qc = _at(q, c)
-            scores = torch.baddbmm(bias[rows].expand(qc.shape[0], -1, -1), qc, _kv_at(k, c, h).transpose(1, 2),
-                                   alpha=score_scale)
-            pc = _at(probs, c)                                              # contiguous: whole rows
+            qc = q_[c]
+            scores = torch.baddbmm(bias[c[-1]].expand(qc.shape[0], -1, -1), qc,
+                                   _kv_at(k_, c, h, flat).transpose(1, 2), alpha=score_scale)
+            pc = probs_[c]                                                  # contiguous: whole rows
             if soft == q.dtype:
                 torch.softmax(scores, -1, out=pc)
             else:
                 pc.copy_(torch.softmax(scores, -1, dtype=soft))
-            _at(y, c).baddbmm_(apply_mask(pc, _at(keep, c), 1.0), _kv_at(v, c, h), beta=0, alpha=keep_scale)
-        ctx.save_for_backward(q, k, v, probs, keep)
-        ctx.keep_scale, ctx.score_scale = keep_scale, score_scale
+            y_[c].baddbmm_(apply_mask(pc, keep_[c], 1.0), _kv_at(v_, c, h, flat), beta=0, alpha=keep_scale)
+        ctx.save_for_backward(q_ if flat else q, k, v, probs, keep)
+        ctx.keep_scale, ctx.score_scale, ctx.shape = keep_scale, score_scale, (B, h, T, d)
         return y
 
     @staticmethod
     def backward(ctx, grad_y):
-        q, k, v, probs, keep = ctx.saved_tensors
-        B, h, T, d = q.shape
-        chunks = _chunks(B, h, T, q.element_size(), q.device)
+        q_, k, v, probs, keep = ctx.saved_tensors
+        B, h, T, d = ctx.shape
+        flat, chunks = _chunks(B, h, T, q_.element_size(), q_.device)
         keep_scale, score_scale = ctx.keep_scale, ctx.score_scale
-        gy = grad_y.to(q.dtype)
-        if chunks == [None]:                   # the kv gradients per query head, summed onto kv heads at the end
-            grad_q, grad_k, grad_v = (q.new_empty(B, h, T, d) for _ in range(3))
+        gy = grad_y.to(q_.dtype)
+        if flat:                               # the kv gradients per query head, summed onto kv heads at the end
+            k_, v_, gy = _per_query_head(k, h), _per_query_head(v, h), gy.reshape(B * h, T, d)
+            probs, keep = probs.view(B * h, T, T), keep.view(B * h, T, T)
+            grad_q = q_.new_empty(B, h, T, d)
+            grad_q_, grad_k, grad_v = grad_q.view(B * h, T, d), q_.new_empty(B * h, T, d), q_.new_empty(B * h, T, d)
         else:                                  # (B, T, heads, d) buffers, as the Q|K|V projection's backward wants
+            k_, v_ = k, v
             spans = h != k.shape[1] and any(c[1].stop - c[1].start > 1 for c in chunks)
-            grad_q = q.new_empty(B, T, h, d).transpose(1, 2)
-            grad_k, grad_v = ((q.new_zeros if spans else q.new_empty)(B, T, t.shape[1], d).transpose(1, 2)
+            grad_q = grad_q_ = q_.new_empty(B, T, h, d).transpose(1, 2)
+            grad_k, grad_v = ((q_.new_zeros if spans else q_.new_empty)(B, T, t.shape[1], d).transpose(1, 2)
                               for t in (k, v))
         for c in chunks:
-            kc, pc, gyc, qc = _at(keep, c), _at(probs, c), _at(gy, c), _at(q, c)
+            kc, pc, gyc, qc = keep[c], probs[c], gy[c], q_[c]
             # the gradient of the dropped probabilities; baddbmm with beta 0 ignores its input (pc: the shape)
-            grad_p = torch.baddbmm(pc, gyc, _kv_at(v, c, h).transpose(1, 2), beta=0, alpha=keep_scale)
+            grad_p = torch.baddbmm(pc, gyc, _kv_at(v_, c, h, flat).transpose(1, 2), beta=0, alpha=keep_scale)
             apply_mask(grad_p, kc, 1.0, out=grad_p)
             grad_s = torch._softmax_backward_data(grad_p, pc, -1, pc.dtype)
-            _at(grad_q, c).baddbmm_(grad_s, _kv_at(k, c, h), beta=0, alpha=score_scale)
-            _kv_grad_at(grad_k, c, h, grad_s.transpose(1, 2), qc, score_scale)
-            _kv_grad_at(grad_v, c, h, apply_mask(pc, kc, 1.0).transpose(1, 2), gyc, keep_scale)
-        if chunks == [None]:
-            grad_k, grad_v = (_sum_query_heads(t.view(B * h, T, d), s.shape) for t, s in ((grad_k, k), (grad_v, v)))
+            grad_q_[c].baddbmm_(grad_s, _kv_at(k_, c, h, flat), beta=0, alpha=score_scale)
+            _kv_grad_at(grad_k, c, h, flat, grad_s.transpose(1, 2), qc, score_scale)
+            _kv_grad_at(grad_v, c, h, flat, apply_mask(pc, kc, 1.0).transpose(1, 2), gyc, keep_scale)
+        if flat:
+            grad_k, grad_v = _sum_query_heads(grad_k, k.shape), _sum_query_heads(grad_v, v.shape)
         return grad_q, grad_k, grad_v, None, None, None
 
 
