@@ -79,18 +79,19 @@ ATTENTION_SHAPES = ((8, 4, 128, 64), (8, 8, 256, 64))   # (batch, heads, T, head
 
 
 def attention_only(repeats: int, shape) -> dict:
-    """ms for forward + backward of causal attention of `shape` (1 thread), q, k, v as the model gives them:
-    (B, heads, T, d) views of one (B, T, 3, heads, d) projection."""
+    """ms for forward + backward of causal attention of `shape` (1 thread), q, k, v and the output's gradient as
+    the model gives them: (B, heads, T, d) views of (B, T, 3, heads, d) and (B, T, heads, d) tensors."""
     import math
     import torch
     import torch.nn.functional as F
     from meshtron.parallel.attention import _DroppedAttention
     torch.set_num_threads(1)
     B, h, T, d = shape
-    qkv = torch.randn(B, T, 3, h, d, requires_grad=True)
-    q, k, v = (qkv[:, :, i].transpose(1, 2) for i in range(3))
+    qkv = torch.randn(B, T, 3, h, d)
+    q, k, v = (qkv[:, :, i].transpose(1, 2).requires_grad_() for i in range(3))     # leaves: no select-backward
     causal = torch.ones(T, T, dtype=torch.bool).tril()
     keep = torch.rand(B, h, T, T, generator=torch.Generator().manual_seed(0)) >= 0.1
+    grad = torch.randn(B, T, h, d).transpose(1, 2)      # as the output projection's backward gives it
 
     def unfused():
         att = ((q @ k.transpose(-2, -1)) / math.sqrt(d)).masked_fill(~causal, float("-inf")).softmax(-1)
@@ -107,7 +108,7 @@ def attention_only(repeats: int, shape) -> dict:
         for _ in range(repeats):
             t0 = time.perf_counter()
             for _ in range(3):
-                fn().sum().backward()
+                fn().backward(grad)
             best.append((time.perf_counter() - t0) / 3 * 1e3)
         out[name] = statistics.median(best)
     return out
