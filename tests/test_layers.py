@@ -133,6 +133,26 @@ def test_cpu_loops_give_the_pytorch_compositions_bits(monkeypatch):
                                r + R.dropout(x, 0.2, rng, 0, MLP_OUT, True), rtol=0, atol=0)
 
 
+def test_cpu_loops_fall_back_without_a_compiler(tmp_path):
+    """No compiler (or MESHTRON_CPU_KERNELS=0): the loops are off, nothing fails, and masks are the same."""
+    import os
+    import subprocess
+    import sys
+    code = ("from meshtron.parallel import cpu_kernels; from meshtron.parallel.random import DropoutRNG; "
+            "m = DropoutRNG(3).mask(0, 3, (2, 5, 7), p=0.3); "
+            "print(int(cpu_kernels.available()), ''.join(str(int(b)) for b in m.flatten().tolist()))")
+    runs = {}
+    for name, env in (("loops", {}), ("off", {"MESHTRON_CPU_KERNELS": "0"}),
+                      ("no compiler", {"CC": str(tmp_path / "no-such-cc")})):
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True,
+                             env={**os.environ, "MESHTRON_CACHE_DIR": str(tmp_path / name), **env})
+        runs[name] = out.stdout.split()
+    assert runs["off"][0] == runs["no compiler"][0] == "0"
+    import shutil
+    assert runs["loops"][0] == ("1" if shutil.which("cc") or shutil.which("gcc") else "0")   # built in a fresh cache
+    assert runs["loops"][1] == runs["off"][1] == runs["no compiler"][1]
+
+
 def test_dropout_masks_differ_by_row_step_layer_and_site():
     rng = DropoutRNG(seed=3)
     m = rng.mask(0, MLP_OUT, (4, 16, 32), p=0.5)

@@ -18,6 +18,7 @@ import ctypes
 import hashlib
 import os
 import platform
+import shlex
 import shutil
 import subprocess
 import tempfile
@@ -127,10 +128,10 @@ def _cache_dir() -> str:
 
 
 def _build() -> ctypes.CDLL | None:
-    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
-    if cc is None:
+    cc = shlex.split(os.environ["CC"]) if os.environ.get("CC") else [shutil.which("cc") or shutil.which("gcc")]
+    if not cc[0]:
         return None
-    version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
+    version = subprocess.run([*cc, "--version"], capture_output=True, text=True, timeout=30).stdout
     tag = hashlib.sha256("\0".join([SOURCE, " ".join(FLAGS), version, _cpu_flags()]).encode()).hexdigest()[:16]
     path = os.path.join(_cache_dir(), f"dropout_{tag}.so")
     if not os.path.exists(path):
@@ -139,7 +140,7 @@ def _build() -> ctypes.CDLL | None:
             with open(src, "w") as f:
                 f.write(SOURCE)
             for flags in (FLAGS, ["-O3", "-shared", "-fPIC", "-ffp-contract=off", "-std=c99"]):  # no -march=native
-                done = subprocess.run([cc, *flags, "-o", out, src], capture_output=True, text=True, timeout=120)
+                done = subprocess.run([*cc, *flags, "-o", out, src], capture_output=True, text=True, timeout=120)
                 if done.returncode == 0:
                     break
             else:
