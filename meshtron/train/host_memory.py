@@ -3,8 +3,9 @@
 Invariant: once `retain_freed_memory()` has run in a glibc process, blocks up to 32 MiB come from the heap and
 freed heap memory stays with the process, so a training step, which allocates the same sizes every step,
 reuses the pages of the last one instead of faulting in fresh zeroed pages. glibc's default returns large
-blocks to the kernel (mmap per block, and heap trimming): measured, 34,785 minor page faults per step of
-8 x (16 + 4 + 1) MiB tensors against 0 with this policy, and dropout's share of a GPT h512 L8 s256 step on
+blocks to the kernel (mmap per block, and heap trimming): measured once, 34,785 minor page faults per step of
+8 x (16 + 4 + 1) MiB tensors against 0 with this policy (how many depends on the heap's history: glibc's
+mmap threshold adapts), and dropout's share of a GPT h512 L8 s256 step on
 `model:1` 11.2% against 4.4% (bench/bench_dropout.py; its s² probabilities and masks are fresh each step).
 The cost: a rank's resident set stays at its peak between steps (it does not grow past it). Not glibc (musl,
 macOS), or `MESHTRON_HOST_MALLOC=default`: nothing changes.
