@@ -5,8 +5,9 @@ freed heap memory stays with the process, so a training step, which allocates th
 reuses the pages of the last one instead of faulting in fresh zeroed pages. glibc's default returns large
 blocks to the kernel (mmap per block, and heap trimming): measured once, 34,785 minor page faults per step of
 8 x (16 + 4 + 1) MiB tensors against 0 with this policy (how many depends on the heap's history: glibc's
-mmap threshold adapts), and dropout's share of a GPT h512 L8 s256 step on
-`model:1` 11.2% against 4.4% (bench/bench_dropout.py; its s² probabilities and masks are fresh each step).
+mmap threshold adapts); and dropout 0.1's cost on bench_dropout's GPT h512 L8 s256, `model:1`, one process
+alternating the variants: +11.2% of a step under glibc's default, +4.4% with the same settings given as
+MALLOC_MMAP_THRESHOLD_ / MALLOC_TRIM_THRESHOLD_ (its s² probabilities and masks are fresh each step).
 The cost: a rank's resident set stays at its peak between steps (it does not grow past it). Not glibc (musl,
 macOS), or `MESHTRON_HOST_MALLOC=default`: nothing changes.
 """
