@@ -10,13 +10,13 @@ For the two bench_tp GPTs (h256 L4 s128 and h512 L8 s256, batch 8, 1 thread per 
            attention, masks drawn from the counter-based generator)
   cached   dropout 0.1 with every mask drawn once and replayed: the same work minus drawing masks
   pytorch  dropout 0.1 with the compiled CPU loops off (`parallel/cpu_kernels.py`): masks drawn and applied by
-           the PyTorch composition they replace (the same bits)
+           the PyTorch composition they replace (the same bits), attention through PyTorch ops
 The table gives median ms per step; "masks" = (dropout - cached) / dropout is the share of the step spent
 drawing masks, "dropout" = dropout / none - 1 is the whole cost of dropout (drawing, applying, and the
 explicit attention that dropout on probabilities needs), "without the loops" = pytorch / none - 1. Every
-variant runs under the trainer's heap policy (`train/host_memory.py`). Also: attention alone at both models' shapes,
-forward + backward: meshtron's dropout attention (mask given), the unfused composition of PyTorch ops, and
-`scaled_dot_product_attention` without dropout.
+variant runs under the trainer's heap policy (`train/host_memory.py`). Also: attention alone at the ranks' shapes
+of both models, forward + backward: meshtron's dropout attention (mask given; the compiled loop), its PyTorch
+path, the unfused composition of PyTorch ops, and `scaled_dot_product_attention` without dropout.
 """
 from __future__ import annotations
 
@@ -75,7 +75,7 @@ def worker(mesh_spec: str, overrides: dict, seq: int, blocks: int, steps: int) -
     return {n: statistics.median(v) * 1e3 for n, v in times.items()}
 
 
-ATTENTION_SHAPES = ((8, 4, 128, 64), (8, 8, 256, 64))   # (batch, heads, T, head dim): the two bench models'
+ATTENTION_SHAPES = ((8, 4, 128, 64), (8, 2, 128, 64), (8, 8, 256, 64), (8, 4, 256, 64))  # model:1, model:2 ranks'
 
 
 def attention_only(repeats: int, shape) -> dict:
@@ -102,8 +102,11 @@ def attention_only(repeats: int, shape) -> dict:
 
     def fused():
         return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    from meshtron.parallel import cpu_kernels
+    loop = cpu_kernels.attention_fits
     out = {}
-    for name, fn in (("meshtron", meshtrons), ("unfused", unfused), ("sdpa", fused)):
+    for name, fn in (("meshtron", meshtrons), ("pytorch", meshtrons), ("unfused", unfused), ("sdpa", fused)):
+        cpu_kernels.attention_fits = (lambda *a: False) if name == "pytorch" else loop
         best = []
         for _ in range(repeats):
             t0 = time.perf_counter()
@@ -111,6 +114,7 @@ def attention_only(repeats: int, shape) -> dict:
                 fn().backward(grad)
             best.append((time.perf_counter() - t0) / 3 * 1e3)
         out[name] = statistics.median(best)
+    cpu_kernels.attention_fits = loop
     return out
 
 
@@ -133,12 +137,12 @@ def main() -> None:
                      f"{(r['dropout'] - r['cached']) / r['dropout']:+.1%} | {r['dropout'] / r['none'] - 1:+.1%} | "
                      f"{r['pytorch']:.1f} | {r['pytorch'] / r['none'] - 1:+.1%} |")
     lines += ["", "Attention alone, forward + backward, 1 thread, ms (median of repeats):", "",
-              "| B, heads, T, head dim | meshtron's dropout attention | the unfused PyTorch composition | "
-              "scaled_dot_product_attention, no dropout |", "|---|---|---|---|"]
+              "| B, heads, T, head dim | meshtron's dropout attention | its PyTorch path (the CPU loops off) | "
+              "the unfused PyTorch composition | scaled_dot_product_attention, no dropout |", "|---|---|---|---|---|"]
     for shape in ATTENTION_SHAPES:
         attn = attention_only(5 if args.quick else 9, shape)
-        lines.append(f"| {', '.join(map(str, shape))} | {attn['meshtron']:.2f} | {attn['unfused']:.2f} | "
-                     f"{attn['sdpa']:.2f} |")
+        lines.append(f"| {', '.join(map(str, shape))} | {attn['meshtron']:.2f} | {attn['pytorch']:.2f} | "
+                     f"{attn['unfused']:.2f} | {attn['sdpa']:.2f} |")
     text = "\n".join(lines)
     from common import write_report
     write_report(os.path.join(os.path.dirname(__file__), "results", "dropout.md"), "Dropout's cost per step",

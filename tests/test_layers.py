@@ -360,3 +360,48 @@ def test_dropped_attention_equals_the_unfused_composition(monkeypatch):
     assert (out.double() - ref).abs().max() < 0.05 * ref.abs().max()
     out.sum().backward()
     assert all(t.grad is not None and t.grad.dtype == torch.bfloat16 for t in (q16, k16, v16))
+
+
+def test_attention_loop_equals_the_unfused_composition(monkeypatch):
+    """The compiled float32 attention loop (cpu_kernels: row blocks of 32 queries that multiply only the keys
+    up to the block's last row, a polynomial exp, GEMMs through PyTorch's BLAS) against the unfused PyTorch ops
+    in float64: output and the q, k, v gradients to float32 rounding, over sequences shorter than a block and
+    across blocks (70: three, the last partial), grouped-query heads, and q, k, v as strided views of one Q|K|V
+    output (the model's layout) or contiguous; on one thread, and on two (blocks of batch rows, or of kv-head
+    groups where the batch is one row)."""
+    import math
+    from meshtron.parallel import cpu_kernels
+    from meshtron.parallel.attention import _DroppedAttention
+    if not cpu_kernels.attention_fits(*(torch.zeros(1, 1, 2, 2),) * 3):
+        pytest.skip("no C compiler or no BLAS symbol in this PyTorch: the attention loop is off")
+    calls = []
+    forward = cpu_kernels.attention_forward
+    monkeypatch.setattr(cpu_kernels, "attention_forward", lambda *a: calls.append(1) or forward(*a))
+    g = torch.Generator().manual_seed(0)
+    monkeypatch.setattr(cpu_kernels, "THREAD_SCORES", 2000)
+    threads = torch.get_num_threads()
+    try:
+        for B, h, kv, T, d, strided, n in ((2, 6, 6, 9, 8, True, 1), (2, 6, 2, 70, 8, True, 1),
+                                           (3, 4, 4, 70, 16, False, 1), (1, 2, 1, 33, 64, True, 1),
+                                           (3, 4, 2, 40, 8, True, 2), (1, 6, 2, 40, 8, True, 2)):
+            torch.set_num_threads(n)
+            assert len(cpu_kernels._parts(B, h, h // kv, T)) == n
+            qkv = torch.randn(B, T, h + 2 * kv, d, generator=g)
+            parts = (qkv[:, :, :h], qkv[:, :, h:h + kv], qkv[:, :, h + kv:])     # (B, T, heads, d) views
+            q, k, v = ((t.transpose(1, 2) if strided else t.transpose(1, 2).contiguous()).requires_grad_()
+                       for t in parts)
+            keep = torch.rand(B, h, T, T, generator=g) >= 0.3
+            q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
+            ref = _unfused_dropped_attention(q64, k64, v64, keep, 0.3)
+            before = len(calls)
+            out = _DroppedAttention.apply(q, k, v, keep, 1 / 0.7, 1 / math.sqrt(d))
+            assert len(calls) == before + 1 and out.dtype == torch.float32
+            scale = ref.abs().max()
+            torch.testing.assert_close(out.double() / scale, ref / scale, rtol=0, atol=2e-6)
+            grad = torch.randn(B, T, h, d, dtype=torch.float64, generator=g).transpose(1, 2)  # as o_proj gives it
+            got = torch.autograd.grad(out, (q, k, v), grad.float())
+            want = torch.autograd.grad(ref, (q64, k64, v64), grad)
+            for a, b in zip(got, want):
+                torch.testing.assert_close(a.double() / b.abs().max(), b / b.abs().max(), rtol=0, atol=4e-6)
+    finally:
+        torch.set_num_threads(threads)

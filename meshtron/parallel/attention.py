@@ -22,6 +22,7 @@ from torch.utils.checkpoint import checkpoint
 
 from meshtron.mesh import MeshAxis
 from meshtron.parallel.linear import ColumnParallelLinear, RowParallelLinear, column_parallel_group
+from meshtron.parallel import cpu_kernels
 from meshtron.parallel.random import ATTENTION_PROBS, DropoutRNG, apply_mask
 from meshtron.parallel.rotary import Rotary
 
@@ -168,8 +169,9 @@ class _DroppedAttention(torch.autograd.Function):
     serves h/kv consecutive query heads). Saves q, k, v (the strided views of the Q|K|V output, or their
     copies: the same bytes, never per-query-head repeats), the probabilities and the one-byte mask; the dropped
     probabilities are recomputed in backward from those two (one multiply), so per a·s² it keeps e + m bytes,
-    not autograd's 2·e + m (probabilities and their dropped copy). On CPU it works through the scores in
-    cache-sized chunks (`_chunks`), each chunk's scores, softmax, mask and product done while they are in cache;
+    not autograd's 2·e + m (probabilities and their dropped copy). float32 on CPU runs as one compiled loop
+    (`cpu_kernels.attention_forward`: causal row blocks, the same saved tensors). Else, on CPU, it works through
+    the scores in cache-sized chunks (`_chunks`), each chunk's scores, softmax, mask and product done while they are in cache;
     chunks of one batch row read q, k, v and write y and the gradients in place through strided views (y and
     dq laid out (B, T, h, d), as the projections that follow want them). The 1/(1 - p) and c scales are applied
     inside the GEMMs, never as a pass over an s² tensor. Invariant: the arithmetic of the unfused composition,
@@ -178,6 +180,13 @@ class _DroppedAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, keep, keep_scale, score_scale):
         B, h, T, d = q.shape
+        ctx.loop = cpu_kernels.attention_fits(q, k, v)      # float32 on CPU: one compiled loop (cpu_kernels)
+        ctx.keep_scale, ctx.score_scale, ctx.shape = keep_scale, score_scale, (B, h, T, d)
+        if ctx.loop:
+            keep = keep.view(torch.uint8).contiguous()
+            y, probs = cpu_kernels.attention_forward(q, k, v, keep, keep_scale, score_scale)
+            ctx.save_for_backward(q, k, v, probs, keep)
+            return y
         flat, chunks = _chunks(B, h, T, q.element_size(), q.device)
         bias = _causal_bias(T, q.dtype, q.device)
         soft = torch.float32 if q.dtype in (torch.float16, torch.bfloat16) else q.dtype
@@ -203,13 +212,15 @@ class _DroppedAttention(torch.autograd.Function):
                 pc.copy_(torch.softmax(scores, -1, dtype=soft))
             y_[c].baddbmm_(apply_mask(pc, keep_[c], 1.0), _kv_at(v_, c, h, flat), beta=0, alpha=keep_scale)
         ctx.save_for_backward(q_ if flat else q, k, v, probs, keep)
-        ctx.keep_scale, ctx.score_scale, ctx.shape = keep_scale, score_scale, (B, h, T, d)
         return y
 
     @staticmethod
     def backward(ctx, grad_y):
         q_, k, v, probs, keep = ctx.saved_tensors
         B, h, T, d = ctx.shape
+        if ctx.loop:
+            return (*cpu_kernels.attention_backward(q_, k, v, keep, probs, grad_y.float(), ctx.keep_scale,
+                                                    ctx.score_scale), None, None, None)
         flat, chunks = _chunks(B, h, T, q_.element_size(), q_.device)
         keep_scale, score_scale = ctx.keep_scale, ctx.score_scale
         gy = grad_y.to(q_.dtype)
