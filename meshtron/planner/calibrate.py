@@ -101,6 +101,13 @@ def total_ram_bytes() -> int:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
+def _attention_loop() -> bool:
+    """Whether this machine runs float32 dropout attention as the compiled loop (a C compiler and PyTorch's BLAS)."""
+    import torch
+    from meshtron.parallel import cpu_kernels
+    return cpu_kernels.attention_fits(*(torch.zeros(1, 1, 1, 1),) * 3)
+
+
 def cpu_profile(threads_per_rank: int = 1, *, recalibrate: bool = False, measure=None) -> HardwareProfile:
     """This machine as a 'device' per rank: each rank computes with `threads_per_rank` threads (ranks that share
     the cores slow down, see `cost_model.compute_rate`), all ranks share the RAM, links are gloo over loopback.
@@ -126,7 +133,7 @@ def cpu_profile(threads_per_rank: int = 1, *, recalibrate: bool = False, measure
         runtime_overhead_gib=m["rank_runtime_rss_bytes"] / GIB, allocator_overhead=CPU_ALLOCATOR_OVERHEAD,
         allocator_retained_gib=CPU_ALLOCATOR_RETAINED_GIB, allocator_grad_churn=CPU_ALLOCATOR_GRAD_CHURN,
         default_dtype="fp32", cores_per_node=cores,
-        threads_per_rank=threads_per_rank, shared_memory=True,
+        threads_per_rank=threads_per_rank, shared_memory=True, dropout_attention_loop=_attention_loop(),
         description=f"this machine ({cores} cores), measured: fp32 GEMM {m['gemm_flops_per_thread'] / 1e9:.0f} "
                     f"GFLOP/s per thread, copy {m['memory_bandwidth_bytes_s'] / 1e9:.1f} GB/s, gloo "
                     f"{bw_gbs:.2f} GB/s and {latency_us:.0f} us"

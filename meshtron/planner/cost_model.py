@@ -471,12 +471,13 @@ def predict_time(cfg: ModelConfig, lay: ParallelLayout, hw: HardwareProfile, glo
 
     passes = 4 if lay.recompute == "full" else 3          # forward, backward (2x forward), recomputed forward
     dropout = cfg.dropout > 0
-    dropped = dropped_probs_bytes(cfg, s, b, t, e, dropout, fused)
-    full_layer = layer_activation_bytes(cfg, s, b, t, lay.sequence_parallel, e, dropout, fused) + dropped
+    in_cache = fused or (dropout and hw.dropout_attention_loop)   # the s² work moves no memory (CPU loop: in cache)
+    dropped = dropped_probs_bytes(cfg, s, b, t, e, dropout, in_cache)
+    full_layer = layer_activation_bytes(cfg, s, b, t, lay.sequence_parallel, e, dropout, in_cache) + dropped
     layer_compute = passes * (layer_forward_flops(cfg, s, b) / t / flops_s
                               + elementwise_time(full_layer, mem_bw, hw.elementwise_passes))
     if lay.recompute == "selective" and not fused:         # the scores once more: QKᵀ, softmax, dropout, ·V
-        scores = score_bytes(cfg, s, b, t, e, dropout) + dropped
+        scores = 0.0 if in_cache else score_bytes(cfg, s, b, t, e, dropout) + dropped
         layer_compute += (attention_score_flops(cfg, s, b) / t / flops_s
                           + elementwise_time(scores, mem_bw, hw.elementwise_passes))
     act = s * b * cfg.d_model * e                          # one s·b·h activation

@@ -49,6 +49,8 @@ class HardwareProfile:
     cores_per_node: int | None = None    # CPU only: ranks on a node share these cores
     threads_per_rank: int = 1            # CPU only: compute threads of one rank
     shared_memory: bool = False          # CPU only: memory_gib is the node's RAM, shared by its ranks
+    dropout_attention_loop: bool = False  # CPU only: attention with dropout runs as cpu_kernels' compiled loop,
+                                         # its s² work done in cache: timed as the fused kernel (memory unchanged)
     description: str = ""
     measured: dict = field(default_factory=dict, compare=False)  # raw calibration numbers (cpu)
     # the model axis's collectives inside a node, when they take another transport than the batch axis's (CPU:
