@@ -171,9 +171,9 @@ class _DroppedAttention(torch.autograd.Function):
     probabilities are recomputed in backward from those two (one multiply), so per a·s² it keeps e + m bytes,
     not autograd's 2·e + m (probabilities and their dropped copy). float32 on CPU runs as one compiled loop
     (`cpu_kernels.attention_forward`: causal row blocks, the same saved tensors). Else, on CPU, it works through
-    the scores in cache-sized chunks (`_chunks`), each chunk's scores, softmax, mask and product done while they are in cache;
-    chunks of one batch row read q, k, v and write y and the gradients in place through strided views (y and
-    dq laid out (B, T, h, d), as the projections that follow want them). The 1/(1 - p) and c scales are applied
+    the scores in cache-sized chunks (`_chunks`), each chunk's scores, softmax, mask and product done while they
+    are in cache; chunks of one batch row read q, k, v and write y and the gradients in place through strided
+    views (y and dq laid out (B, T, h, d), as the projections that follow want them). The 1/(1 - p) and c scales are applied
     inside the GEMMs, never as a pass over an s² tensor. Invariant: the arithmetic of the unfused composition,
     so outputs and gradients agree with it to rounding (tests/test_layers.py)."""
 
