@@ -188,11 +188,12 @@ static inline float row_sum(const float *x, int n) {
    q, y: element strides (qb, qh, qt) with unit last stride; k, v: (kb, kh, kt) over kv heads, query head i
    reading kv head i / g; probs and keep (B, h, T, T) with strides (ps[0], ps[1], T, 1). Row blocks of ROWS queries
    multiply only the keys up to the block's last row (causal). probs gets the softmax, zero above the diagonal. */
-void mt_attention_fwd(const float *q, const float *k, const float *v, const uint8_t *keep, float *probs, float *y,
+int mt_attention_fwd(const float *q, const float *k, const float *v, const uint8_t *keep, float *probs, float *y,
                       int64_t B, int64_t h, int64_t g, int64_t T, int64_t d, const int64_t *qs, const int64_t *ks,
                       const int64_t *vs, const int64_t *ys, const int64_t *ps, float keep_scale,
                       float score_scale) {
     float *drop = malloc(sizeof(float) * ROWS * T);
+    if (!drop) return -1;
     for (int64_t b = 0; b < B; b++)
         for (int64_t i = 0; i < h; i++) {
             const float *qp = q + b * qs[0] + i * qs[1], *kp = k + b * ks[0] + (i / g) * ks[1];
@@ -218,17 +219,19 @@ void mt_attention_fwd(const float *q, const float *k, const float *v, const uint
             }
         }
     free(drop);
+    return 0;
 }
 
 /* The backward of mt_attention_fwd: gq (strides gqs, per query head), gk and gv (strides gks over kv heads:
    written by the first query head of each group, the last row block first, which reaches every key; added
    by the rest). gy: the output's gradient (strides gys). */
-void mt_attention_bwd(const float *q, const float *k, const float *v, const uint8_t *keep, const float *probs,
+int mt_attention_bwd(const float *q, const float *k, const float *v, const uint8_t *keep, const float *probs,
                       const float *gy, float *gq, float *gk, float *gv, int64_t B, int64_t h, int64_t g, int64_t T,
                       int64_t d, const int64_t *qs, const int64_t *ks, const int64_t *vs, const int64_t *gys,
                       const int64_t *gqs, const int64_t *gks, const int64_t *ps, float keep_scale,
                       float score_scale) {
     float *dp = malloc(sizeof(float) * ROWS * T), *drop = malloc(sizeof(float) * ROWS * T);
+    if (!dp || !drop) { free(dp); free(drop); return -1; }
     for (int64_t b = 0; b < B; b++)
         for (int64_t i = 0; i < h; i++) {
             const float *qp = q + b * qs[0] + i * qs[1], *kp = k + b * ks[0] + (i / g) * ks[1];
@@ -262,6 +265,7 @@ void mt_attention_bwd(const float *q, const float *k, const float *v, const uint
         }
     free(dp);
     free(drop);
+    return 0;
 }
 """
 
@@ -322,8 +326,9 @@ def _build() -> ctypes.CDLL | None:
     lib.mt_attention_fwd.argtypes = [p] * 6 + [i64] * 5 + [p] * 5 + [ctypes.c_float] * 2
     lib.mt_attention_bwd.argtypes = [p] * 9 + [i64] * 5 + [p] * 7 + [ctypes.c_float] * 2
     for name in ("mt_keep_mask", "mt_apply_f32", "mt_apply_bf16", "mt_apply_add_f32", "mt_apply_add_bf16",
-                 "mt_set_sgemm", "mt_attention_fwd", "mt_attention_bwd"):
+                 "mt_set_sgemm"):
         getattr(lib, name).restype = None
+    lib.mt_attention_fwd.restype = lib.mt_attention_bwd.restype = ctypes.c_int
     lib.has_sgemm = False
     sgemm = _torch_sgemm()
     if sgemm:
@@ -477,6 +482,11 @@ def _kv(heads: slice, g: int) -> slice:
     return heads if heads.start is None else slice(heads.start // g, heads.stop // g)
 
 
+def _check(rc: int) -> None:
+    if rc:
+        raise MemoryError("meshtron's CPU attention loop could not allocate its row-block buffers")
+
+
 def _strides2(t: torch.Tensor):
     return (ctypes.c_int64 * 2)(*t.stride()[:2])
 
@@ -491,10 +501,11 @@ def attention_forward(q, k, v, keep, keep_scale: float, score_scale: float):
     y = q.new_empty(B, T, h, d).transpose(1, 2)
 
     def part(bs, hs):
-        qp, kp, vp, yp, pp, mp = q[bs, hs], k[bs, _kv(hs, g)], v[bs, _kv(hs, g)], y[bs, hs], probs[bs, hs], keep[bs, hs]
-        _lib.mt_attention_fwd(_ptr(qp), _ptr(kp), _ptr(vp), _ptr(mp), _ptr(pp), _ptr(yp), qp.shape[0], qp.shape[1],
-                              g, T, d, _strides3(qp), _strides3(kp), _strides3(vp), _strides3(yp), _strides2(pp),
-                              keep_scale, score_scale)
+        ks = _kv(hs, g)
+        qp, kp, vp, yp, pp, mp = q[bs, hs], k[bs, ks], v[bs, ks], y[bs, hs], probs[bs, hs], keep[bs, hs]
+        _check(_lib.mt_attention_fwd(_ptr(qp), _ptr(kp), _ptr(vp), _ptr(mp), _ptr(pp), _ptr(yp), qp.shape[0],
+                                     qp.shape[1], g, T, d, _strides3(qp), _strides3(kp), _strides3(vp),
+                                     _strides3(yp), _strides2(pp), keep_scale, score_scale))
     _run(part, _parts(B, h, g, T))
     return y, probs
 
@@ -513,9 +524,9 @@ def attention_backward(q, k, v, keep, probs, grad_y, keep_scale: float, score_sc
         ks = _kv(hs, g)
         qp, kp, vp, mp, pp, gyp = q[bs, hs], k[bs, ks], v[bs, ks], keep[bs, hs], probs[bs, hs], grad_y[bs, hs]
         gq, gk, gv = grad_q[bs, hs], grad_k[bs, ks], grad_v[bs, ks]
-        _lib.mt_attention_bwd(_ptr(qp), _ptr(kp), _ptr(vp), _ptr(mp), _ptr(pp), _ptr(gyp), _ptr(gq), _ptr(gk),
-                              _ptr(gv), qp.shape[0], qp.shape[1], g, T, d, _strides3(qp), _strides3(kp),
-                              _strides3(vp), _strides3(gyp), _strides3(gq), _strides3(gk), _strides2(pp),
-                              keep_scale, score_scale)
+        _check(_lib.mt_attention_bwd(_ptr(qp), _ptr(kp), _ptr(vp), _ptr(mp), _ptr(pp), _ptr(gyp), _ptr(gq),
+                                     _ptr(gk), _ptr(gv), qp.shape[0], qp.shape[1], g, T, d, _strides3(qp),
+                                     _strides3(kp), _strides3(vp), _strides3(gyp), _strides3(gq), _strides3(gk),
+                                     _strides2(pp), keep_scale, score_scale))
     _run(part, _parts(B, h, g, T))
     return grad_q, grad_k, grad_v
