@@ -458,14 +458,16 @@ def _run(fn, parts) -> None:
     if len(parts) == 1:
         fn(*parts[0])
         return
-    if _pool is None or _pool._max_workers < len(parts):
-        _pool = concurrent.futures.ThreadPoolExecutor(len(parts), thread_name_prefix="meshtron-attention",
-                                                      initializer=_sequential_blas)
-    for f in [_pool.submit(fn, *p) for p in parts]:
+    pool, pid = _pool
+    if pool is None or pool._max_workers < len(parts) or pid != os.getpid():   # a forked child has no workers
+        pool = concurrent.futures.ThreadPoolExecutor(len(parts), thread_name_prefix="meshtron-attention",
+                                                     initializer=_sequential_blas)
+        _pool = (pool, os.getpid())
+    for f in [pool.submit(fn, *p) for p in parts]:
         f.result()
 
 
-_pool = None
+_pool = (None, 0)
 
 
 def _sequential_blas() -> None:
