@@ -434,7 +434,7 @@ def attention_fits(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
                and t.stride(2) >= t.shape[3] for t in (q, k, v))
 
 
-THREAD_SCORES = 1 << 19   # scores per thread's block, at least: (8, 8, 256, 64) on 2 threads 35 -> 21 ms
+THREAD_SCORES = 1 << 19   # scores per thread's block, at least: (8, 8, 256, 64) on 2 threads 31 -> 21 ms
 
 
 def _parts(B: int, h: int, g: int, T: int) -> list:
@@ -453,31 +453,42 @@ def _parts(B: int, h: int, g: int, T: int) -> list:
 
 
 def _run(fn, parts) -> None:
-    """Each part on a worker thread (the C calls release the GIL), or inline for one part."""
+    """Each part on a worker thread (the C calls release the GIL), or inline for one part; the GEMMs of each run
+    on the calling thread alone (MKL's per-thread setting: its own threads only slow GEMMs this small, (8, 4,
+    128, 64) forward + backward on 2 threads 4.5 ms against 3.8 on one, and workers would each start a team)."""
     global _pool
     if len(parts) == 1:
-        fn(*parts[0])
+        previous = _blas_threads(1)
+        try:
+            fn(*parts[0])
+        finally:
+            _blas_threads(previous)
         return
     pool, pid = _pool
     if pool is None or pool._max_workers < len(parts) or pid != os.getpid():   # a forked child has no workers
         pool = concurrent.futures.ThreadPoolExecutor(len(parts), thread_name_prefix="meshtron-attention",
-                                                     initializer=_sequential_blas)
+                                                     initializer=_blas_threads, initargs=(1,))
         _pool = (pool, os.getpid())
     for f in [pool.submit(fn, *p) for p in parts]:
         f.result()
 
 
 _pool = (None, 0)
+_mkl_local = []
 
 
-def _sequential_blas() -> None:
-    """A worker's GEMMs run on its own thread: MKL's per-thread setting (else each worker would start a team of
-    torch.get_num_threads() BLAS threads, which oversubscribe the cores)."""
-    lib_dir = os.path.join(os.path.dirname(torch.__file__), "lib")
-    try:
-        ctypes.CDLL(os.path.join(lib_dir, "libtorch_cpu.so")).mkl_set_num_threads_local(ctypes.byref(ctypes.c_int(1)))
-    except (OSError, AttributeError):
-        pass
+def _blas_threads(n: int) -> int:
+    """Set this thread's MKL thread count (0: back to the global one); the previous setting, 0 without MKL."""
+    if not _mkl_local:
+        try:
+            lib = ctypes.CDLL(os.path.join(os.path.dirname(torch.__file__), "lib", "libtorch_cpu.so"))
+            fn = lib.mkl_set_num_threads_local            # MKL's Fortran-style entry: the count by reference
+            fn.argtypes, fn.restype = [ctypes.POINTER(ctypes.c_int)], ctypes.c_int
+            _mkl_local.append(fn)
+        except (OSError, AttributeError):
+            _mkl_local.append(None)
+    fn = _mkl_local[0]
+    return fn(ctypes.byref(ctypes.c_int(n))) if fn is not None else 0
 
 
 def _kv(heads: slice, g: int) -> slice:
