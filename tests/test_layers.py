@@ -321,6 +321,8 @@ def test_dropped_attention_equals_the_unfused_composition(monkeypatch):
     from meshtron.parallel.attention import _DroppedAttention
     from meshtron.parallel import attention
     g = torch.Generator().manual_seed(0)
+    from meshtron.parallel import cpu_kernels
+    monkeypatch.setattr(cpu_kernels, "attention_fits", lambda *a: False)   # PyTorch's path (the loop: below)
     whole_batch = attention._chunks(2, 6, 9, 8, "meta")           # the one chunk a GPU takes
     # a batch row's heads (one chunk each), chunks of 3 or 2 heads (9·9·8 bytes each: 2 query heads of a kv
     # group of 3 span two kv heads), chunks of 2 query rows (score rows of 72 bytes), the whole batch; float64
@@ -405,3 +407,9 @@ def test_attention_loop_equals_the_unfused_composition(monkeypatch):
                 torch.testing.assert_close(a.double() / b.abs().max(), b / b.abs().max(), rtol=0, atol=4e-6)
     finally:
         torch.set_num_threads(threads)
+    # shapes the loop cannot take go to PyTorch's path and its errors, never to the C loop
+    q, k = torch.randn(1, 6, 8, 4), torch.randn(1, 4, 8, 4)
+    assert not cpu_kernels.attention_fits(q, k, k) and not cpu_kernels.attention_fits(q, k[:, :3], k[:, :2])
+    assert not cpu_kernels.attention_fits(q, q[:, :, :7], q[:, :, :7])
+    with pytest.raises(ValueError, match="keep must be"):
+        cpu_kernels.attention_forward(q, q, q, torch.ones(1, 6, 8, 7, dtype=torch.uint8), 1.0, 0.5)

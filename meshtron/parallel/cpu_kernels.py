@@ -132,7 +132,8 @@ static void gemm(int ta, int tb, int m, int n, int k, float alpha, const float *
 /* exp for x <= 0 (softmax after the max is subtracted): 2^n * p(r), r in [-ln2/2, ln2/2], degree-6 polynomial
    (relative error under 2e-7); vectorisable, no libm call. */
 static inline float exp_neg(float x) {
-    if (x < -87.0f) x = -87.0f;
+    float in = x;
+    x = x >= -87.0f ? x : -87.0f;                 /* also NaN -> -87: the integer part stays defined */
     float n = __builtin_floorf(x * 1.44269504088896341f + 0.5f);
     float r = x - n * 0.693359375f + n * 2.12194440e-4f;
     float p = 1.9875691500e-4f;
@@ -142,8 +143,8 @@ static inline float exp_neg(float x) {
     p = p * r + 1.6666665459e-1f;
     p = p * r + 5.0000001201e-1f;
     p = p * r * r + r + 1.0f;
-    union { int32_t i; float f; } s = {((int32_t)n + 127) << 23};
-    return p * s.f;
+    union { uint32_t i; float f; } s = {(uint32_t)((int32_t)n + 127) << 23};
+    return in == in ? p * s.f : in;               /* NaN in, NaN out */
 }
 
 
@@ -337,19 +338,28 @@ def _build() -> ctypes.CDLL | None:
     return lib
 
 
-def _torch_sgemm() -> int | None:
-    """The address of the Fortran BLAS `sgemm_` that PyTorch's CPU library exports (MKL in the x86 wheels), or
-    None: the attention loop then stays off. Using PyTorch's own BLAS keeps its threading settings and adds no
-    dependency."""
+def _torch_cpu_library():
+    """PyTorch's CPU library (already loaded by `import torch`), or None."""
     lib_dir = os.path.join(os.path.dirname(torch.__file__), "lib")
     for name in ("libtorch_cpu.so", "libtorch_cpu.dylib"):
         path = os.path.join(lib_dir, name)
         if os.path.exists(path):
             try:
-                return ctypes.cast(ctypes.CDLL(path).sgemm_, ctypes.c_void_p).value
-            except (OSError, AttributeError):
+                return ctypes.CDLL(path)
+            except OSError:
                 return None
     return None
+
+
+def _torch_sgemm() -> int | None:
+    """The address of the Fortran BLAS `sgemm_` that PyTorch's CPU library exports (MKL in the x86 wheels), or
+    None: the attention loop then stays off. Using PyTorch's own BLAS keeps its threading settings and adds no
+    dependency."""
+    lib = _torch_cpu_library()
+    try:
+        return ctypes.cast(lib.sgemm_, ctypes.c_void_p).value if lib is not None else None
+    except AttributeError:
+        return None
 
 
 def _load():
@@ -430,8 +440,11 @@ def attention_fits(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
     lib = _load()
     if lib is None or not lib.has_sgemm:
         return False
-    return all(t.device.type == "cpu" and t.dtype == torch.float32 and t.dim() == 4 and t.stride(3) == 1
-               and t.stride(2) >= t.shape[3] for t in (q, k, v))
+    if not all(t.device.type == "cpu" and t.dtype == torch.float32 and t.dim() == 4 and t.stride(3) == 1
+               and t.stride(2) >= t.shape[3] for t in (q, k, v)):
+        return False
+    (B, h, T, d), kv = q.shape, k.shape[1]      # the loop trusts these: anything else takes PyTorch's checks
+    return k.shape == v.shape and (k.shape[0], k.shape[2], k.shape[3]) == (B, T, d) and kv > 0 and h % kv == 0
 
 
 THREAD_SCORES = 1 << 19   # scores per thread's block, at least: (8, 8, 256, 64) on 2 threads 31 -> 21 ms
@@ -442,7 +455,7 @@ def _parts(B: int, h: int, g: int, T: int) -> list:
     (THREAD_SCORES a block at least; below, the hand-off costs more than it saves): along the batch, or along whole
     kv-head groups where the batch is too short (blocks then share no kv head: no kv gradient is written twice)."""
     n = min(torch.get_num_threads(), B * h * T * T // THREAD_SCORES)
-    if n <= 1:
+    if n <= 1 or not _blas_threads_settable():         # a BLAS without a per-thread setting: one thread
         return [(slice(None), slice(None))]
     if B >= n or h // g < 2:
         step = -(-B // min(n, B))
@@ -466,6 +479,8 @@ def _run(fn, parts) -> None:
         return
     pool, pid = _pool
     if pool is None or pool._max_workers < len(parts) or pid != os.getpid():   # a forked child has no workers
+        if pool is not None and pid == os.getpid():
+            pool.shutdown(wait=False)
         pool = concurrent.futures.ThreadPoolExecutor(len(parts), thread_name_prefix="meshtron-attention",
                                                      initializer=_blas_threads, initargs=(1,))
         _pool = (pool, os.getpid())
@@ -477,15 +492,20 @@ _pool = (None, 0)
 _mkl_local = []
 
 
+def _blas_threads_settable() -> bool:
+    if not _mkl_local:
+        _blas_threads(0)
+    return _mkl_local[0] is not None
+
+
 def _blas_threads(n: int) -> int:
     """Set this thread's MKL thread count (0: back to the global one); the previous setting, 0 without MKL."""
     if not _mkl_local:
         try:
-            lib = ctypes.CDLL(os.path.join(os.path.dirname(torch.__file__), "lib", "libtorch_cpu.so"))
-            fn = lib.mkl_set_num_threads_local            # MKL's Fortran-style entry: the count by reference
+            fn = _torch_cpu_library().mkl_set_num_threads_local   # MKL's Fortran-style entry: the count by reference
             fn.argtypes, fn.restype = [ctypes.POINTER(ctypes.c_int)], ctypes.c_int
             _mkl_local.append(fn)
-        except (OSError, AttributeError):
+        except AttributeError:
             _mkl_local.append(None)
     fn = _mkl_local[0]
     return fn(ctypes.byref(ctypes.c_int(n))) if fn is not None else 0
@@ -510,6 +530,9 @@ def attention_forward(q, k, v, keep, keep_scale: float, score_scale: float):
     only where `attention_fits`. With several threads, blocks of batch rows or kv groups run in parallel."""
     B, h, T, d = q.shape
     g = h // k.shape[1]
+    if _load() is None or keep.shape != (B, h, T, T) or keep.dtype != torch.uint8 or not keep.is_contiguous():
+        raise ValueError(f"attention_forward: keep must be a contiguous uint8 mask of shape {(B, h, T, T)}, got "
+                         f"{keep.dtype} {tuple(keep.shape)}")
     probs = q.new_empty(B, h, T, T)
     y = q.new_empty(B, T, h, d).transpose(1, 2)
 
