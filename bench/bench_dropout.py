@@ -1,6 +1,6 @@
 """What dropout costs in a training step: masks keyed by logical position against no dropout.
 
-    .venv/bin/python bench/bench_dropout.py            # about 4 minutes
+    .venv/bin/python bench/bench_dropout.py            # about 3 minutes
     .venv/bin/python bench/bench_dropout.py --quick
 
 For the two bench_tp GPTs (h256 L4 s128 and h512 L8 s256, batch 8, 1 thread per rank) on `model:1` and
