@@ -6,6 +6,7 @@ import json
 import time
 
 import pytest
+import torch
 
 import meshtron.cli as cli
 from meshtron.models.config import PRESETS, ModelConfig
@@ -306,6 +307,19 @@ def test_cpu_profile_is_measured_once_and_cached(tmp_path, monkeypatch):
                    seq_len=128)
     assert pred.fits and pred.step_time_s > 0
     assert pred.memory["runtime"] == first.runtime_overhead_bytes
+
+    # the profile knows whether dropout attention runs as the compiled loop: then it is timed as the fused kernel
+    # (its s² work stays in cache), its memory unchanged; without dropout nothing changes
+    from dataclasses import replace
+    from meshtron.parallel import cpu_kernels
+    assert first.dropout_attention_loop == cpu_kernels.attention_fits(*(torch.zeros(1, 1, 1, 1),) * 3)
+    lay, cfg = ParallelLayout(dp=1, tp=2, micro_batch=4), PRESETS["gpt-mini"].replace(dropout=0.1)
+    on, off = (predict(c, lay, replace(first, dropout_attention_loop=flag), global_batch=4, seq_len=128)
+               for c, flag in ((cfg, True), (cfg, False)))
+    assert on.step_time_s < off.step_time_s and on.memory == off.memory
+    plain = [predict(PRESETS["gpt-mini"], lay, replace(first, dropout_attention_loop=f), global_batch=4,
+                     seq_len=128).step_time_s for f in (True, False)]
+    assert plain[0] == plain[1]
 
 
 # --- Hugging Face configs -------------------------------------------------------------------------------------

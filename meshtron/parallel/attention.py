@@ -21,8 +21,8 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from meshtron.mesh import MeshAxis
-from meshtron.parallel.linear import ColumnParallelLinear, RowParallelLinear, column_parallel_group
 from meshtron.parallel import cpu_kernels
+from meshtron.parallel.linear import ColumnParallelLinear, RowParallelLinear, column_parallel_group
 from meshtron.parallel.random import ATTENTION_PROBS, DropoutRNG, apply_mask
 from meshtron.parallel.rotary import Rotary
 
@@ -173,9 +173,9 @@ class _DroppedAttention(torch.autograd.Function):
     (`cpu_kernels.attention_forward`: causal row blocks, the same saved tensors). Else, on CPU, it works through
     the scores in cache-sized chunks (`_chunks`), each chunk's scores, softmax, mask and product done while they
     are in cache; chunks of one batch row read q, k, v and write y and the gradients in place through strided
-    views (y and dq laid out (B, T, h, d), as the projections that follow want them). The 1/(1 - p) and c scales are applied
-    inside the GEMMs, never as a pass over an s² tensor. Invariant: the arithmetic of the unfused composition,
-    so outputs and gradients agree with it to rounding (tests/test_layers.py)."""
+    views (y and dq laid out (B, T, h, d), as the projections that follow want them). The 1/(1 - p) and c
+    scales are applied inside the GEMMs, never as a pass over an s² tensor. Invariant: the arithmetic of the
+    unfused composition, so outputs and gradients agree with it to rounding (tests/test_layers.py)."""
 
     @staticmethod
     def forward(ctx, q, k, v, keep, keep_scale, score_scale):

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import ctypes
+import functools
 import hashlib
 import os
 import platform
@@ -455,7 +456,7 @@ def _parts(B: int, h: int, g: int, T: int) -> list:
     (THREAD_SCORES a block at least; below, the hand-off costs more than it saves): along the batch, or along whole
     kv-head groups where the batch is too short (blocks then share no kv head: no kv gradient is written twice)."""
     n = min(torch.get_num_threads(), B * h * T * T // THREAD_SCORES)
-    if n <= 1 or not _blas_threads_settable():         # a BLAS without a per-thread setting: one thread
+    if n <= 1 or _mkl_thread_setter() is None:         # a BLAS without a per-thread setting: one thread
         return [(slice(None), slice(None))]
     if B >= n or h // g < 2:
         step = -(-B // min(n, B))
@@ -489,25 +490,23 @@ def _run(fn, parts) -> None:
 
 
 _pool = (None, 0)
-_mkl_local = []
 
 
-def _blas_threads_settable() -> bool:
-    if not _mkl_local:
-        _blas_threads(0)
-    return _mkl_local[0] is not None
+@functools.lru_cache(maxsize=None)
+def _mkl_thread_setter():
+    """MKL's per-thread thread count (`mkl_set_num_threads_local`, Fortran-style: the count by reference) from
+    PyTorch's CPU library, or None with another BLAS."""
+    try:
+        fn = _torch_cpu_library().mkl_set_num_threads_local
+    except AttributeError:
+        return None
+    fn.argtypes, fn.restype = [ctypes.POINTER(ctypes.c_int)], ctypes.c_int
+    return fn
 
 
 def _blas_threads(n: int) -> int:
     """Set this thread's MKL thread count (0: back to the global one); the previous setting, 0 without MKL."""
-    if not _mkl_local:
-        try:
-            fn = _torch_cpu_library().mkl_set_num_threads_local   # MKL's Fortran-style entry: the count by reference
-            fn.argtypes, fn.restype = [ctypes.POINTER(ctypes.c_int)], ctypes.c_int
-            _mkl_local.append(fn)
-        except AttributeError:
-            _mkl_local.append(None)
-    fn = _mkl_local[0]
+    fn = _mkl_thread_setter()
     return fn(ctypes.byref(ctypes.c_int(n))) if fn is not None else 0
 
 
